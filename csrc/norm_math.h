@@ -1,0 +1,90 @@
+// Numerics shared by the CPU and CUDA kernels: accumulation types, Welford/Chan
+// merges and the closed forms of the normalization gradients. Includes no torch
+// and no CUDA header, so it compiles for the host compiler and under nvcc.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FN_HD __host__ __device__ __forceinline__
+#else
+#define FN_HD inline
+#endif
+
+namespace fused_norm {
+
+// Accumulate in float for float/half/bfloat16 storage, in double for double.
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+template <typename T> using acc_t = typename AccType<T>::type;
+
+FN_HD float fn_rsqrt(float v) {
+#if defined(__CUDA_ARCH__)
+  return ::rsqrtf(v);
+#else
+  return 1.0f / std::sqrt(v);
+#endif
+}
+FN_HD double fn_rsqrt(double v) {
+#if defined(__CUDA_ARCH__)
+  return ::rsqrt(v);
+#else
+  return 1.0 / std::sqrt(v);
+#endif
+}
+
+// Running moments of a set: count, mean and M2 = sum (x - mean)^2.
+template <typename T>
+struct Moments {
+  T count;
+  T mean;
+  T m2;
+};
+
+template <typename T>
+FN_HD Moments<T> moments_empty() {
+  return Moments<T>{T(0), T(0), T(0)};
+}
+
+// Welford's update with one value.
+template <typename T>
+FN_HD void moments_push(Moments<T>& m, T x) {
+  m.count += T(1);
+  const T delta = x - m.mean;
+  m.mean += delta / m.count;
+  m.m2 += delta * (x - m.mean);
+}
+
+// Chan et al.'s pairwise merge; exact for empty sides.
+template <typename T>
+FN_HD Moments<T> moments_merge(const Moments<T>& a, const Moments<T>& b) {
+  const T n = a.count + b.count;
+  if (n == T(0)) return a;
+  const T wb = b.count / n;
+  const T delta = b.mean - a.mean;
+  Moments<T> r;
+  r.count = n;
+  r.mean = a.mean + delta * wb;
+  r.m2 = a.m2 + b.m2 + delta * delta * a.count * wb;
+  return r;
+}
+
+// 1/sqrt(var + eps) with var the biased variance M2/count (clamped at 0).
+template <typename T>
+FN_HD T moments_rstd(const Moments<T>& m, double eps) {
+  T var = m.count > T(0) ? m.m2 / m.count : T(0);
+  var = var < T(0) ? T(0) : var;
+  return fn_rsqrt(var + static_cast<T>(eps));
+}
+
+// LayerNorm input gradient for one element of a row of n columns.
+//   g = dy * weight, xhat = (x - mean) * rstd,
+//   sum_g = sum_j g_j, sum_gx = sum_j g_j * xhat_j  (row sums)
+//   dx = rstd * (g - sum_g / n - xhat * sum_gx / n)
+// c1 = sum_gx / n and c2 = sum_g / n are computed once per row.
+template <typename T>
+FN_HD T layer_norm_dx(T g, T xhat, T rstd, T c1, T c2) {
+  return rstd * (g - c2 - xhat * c1);
+}
+
+}  // namespace fused_norm
