@@ -1,0 +1,212 @@
+// LayerNorm ops: argument checks (with torch's messages), output allocation, and the
+// CPU/CUDA registrations. The kernels see rows of `cols` contiguous elements with a row
+// stride, so any input whose leading dims collapse to one stride runs without a copy.
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace fused_norm {
+namespace {
+
+constexpr const char* kOpName = "fused_norm::layer_norm";
+
+// The shape checks of torch's layer_norm, with its messages. Returns (rows, cols).
+std::pair<int64_t, int64_t> check_layer_norm_shapes(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                                                    const c10::optional<at::Tensor>& weight,
+                                                    const c10::optional<at::Tensor>& bias) {
+  const int64_t k = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK(k >= 1, "Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
+              "least one element, but got normalized_shape = ", normalized_shape);
+  for (const auto& [t, name] : {std::pair{&weight, "weight"}, std::pair{&bias, "bias"}}) {
+    TORCH_CHECK(!t->has_value() || !(*t)->defined() || (*t)->sizes().equals(normalized_shape), "Expected ",
+                name, " to be of same shape as normalized_shape, but got ", name, " of shape ",
+                (*t)->sizes(), " and normalized_shape = ", normalized_shape);
+  }
+  const int64_t d = input.dim();
+  TORCH_CHECK(d >= k && input.sizes().slice(d - k).equals(normalized_shape), "Given normalized_shape=",
+              normalized_shape, ", expected input with shape [*", [&] {
+                std::string s;
+                for (auto v : normalized_shape) s += ", " + std::to_string(v);
+                return s;
+              }(), "], but got input of size", input.sizes());
+  check_same_device(input, weight, "weight");
+  check_same_device(input, bias, "bias");
+  const int64_t cols = c10::multiply_integers(normalized_shape);
+  const int64_t rows = cols == 0 ? c10::multiply_integers(input.sizes().slice(0, d - k)) : input.numel() / cols;
+  return {rows, cols};
+}
+
+// Stride between rows if the last k dims of t form one contiguous block and the leading
+// dims collapse to a single stride; -1 otherwise.
+int64_t row_stride(const at::Tensor& t, int64_t k) {
+  const int64_t d = t.dim();
+  int64_t expected = 1;
+  for (int64_t i = d - 1; i >= d - k; --i) {
+    if (t.size(i) != 1 && t.stride(i) != expected) return -1;
+    expected *= t.size(i);
+  }
+  int64_t rs = expected;  // also the stride when there are no leading dims
+  bool first = true;
+  int64_t inner_size = 1;
+  for (int64_t i = d - k - 1; i >= 0; --i) {
+    if (t.size(i) == 1) continue;
+    if (first) {
+      rs = t.stride(i);
+      first = false;
+    } else if (t.stride(i) != rs * inner_size) {
+      return -1;
+    }
+    inner_size *= t.size(i);
+  }
+  return rs;
+}
+
+// t itself with its row stride, or a contiguous copy when it cannot be seen as rows.
+std::pair<at::Tensor, int64_t> as_rows(const at::Tensor& t, int64_t k, int64_t cols) {
+  const int64_t rs = row_stride(t, k);
+  if (rs >= 0) return {t, rs};
+  return {t.contiguous(), cols};
+}
+
+// Shape of mean/rstd: input's leading dims followed by k ones (as torch's native op).
+std::vector<int64_t> stats_shape(const at::Tensor& input, int64_t k) {
+  std::vector<int64_t> s(input.sizes().begin(), input.sizes().end());
+  std::fill(s.end() - k, s.end(), 1);
+  return s;
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& input,
+                                                              at::IntArrayRef normalized_shape,
+                                                              const c10::optional<at::Tensor>& weight_opt,
+                                                              const c10::optional<at::Tensor>& bias_opt,
+                                                              double eps) {
+  const DType x_dtype = to_dtype(input, kOpName);
+  const auto [rows, cols] = check_layer_norm_shapes(input, normalized_shape, weight_opt, bias_opt);
+  const at::ScalarType w_type = param_dtype(input, weight_opt, bias_opt);
+  const int64_t k = static_cast<int64_t>(normalized_shape.size());
+
+  at::Tensor y = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
+  at::Tensor mean = at::empty(stats_shape(input, k), stat_opts);
+  at::Tensor rstd = at::empty(stats_shape(input, k), stat_opts);
+  if (rows == 0 || cols == 0) {
+    // No element to normalize; torch gives NaN statistics for empty rows.
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, mean, rstd};
+  }
+  const auto [x, x_rs] = as_rows(input, k, cols);
+  const at::Tensor weight = weight_opt.has_value() && weight_opt->defined() ? weight_opt->contiguous() : at::Tensor();
+  const at::Tensor bias = bias_opt.has_value() && bias_opt->defined() ? bias_opt->contiguous() : at::Tensor();
+
+  LayerNormFwdParams p;
+  p.x = x.const_data_ptr();
+  p.weight = weight.defined() ? weight.const_data_ptr() : nullptr;
+  p.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
+  p.y = y.mutable_data_ptr();
+  p.mean = mean.mutable_data_ptr();
+  p.rstd = rstd.mutable_data_ptr();
+  p.rows = rows;
+  p.cols = cols;
+  p.x_row_stride = x_rs;
+  p.y_row_stride = cols;
+  p.eps = eps;
+  p.x_dtype = x_dtype;
+  p.w_dtype = to_dtype(w_type, kOpName);
+  run_on_device(
+      input, [&] { layer_norm_fwd_cpu(p); },
+      FN_CUDA_LAUNCH([&](cudaStream_t stream) { return layer_norm_fwd_cuda(p, stream); }));
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                                              at::IntArrayRef normalized_shape,
+                                                              const at::Tensor& mean, const at::Tensor& rstd,
+                                                              const c10::optional<at::Tensor>& weight_opt,
+                                                              const c10::optional<at::Tensor>& bias_opt) {
+  const DType x_dtype = to_dtype(input, kOpName);
+  const auto [rows, cols] = check_layer_norm_shapes(input, normalized_shape, weight_opt, bias_opt);
+  const at::ScalarType w_type = param_dtype(input, weight_opt, bias_opt);
+  const int64_t k = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK(grad_out.sizes().equals(input.sizes()) && grad_out.scalar_type() == input.scalar_type() &&
+                  grad_out.device() == input.device(),
+              "fused_norm::layer_norm_bwd: grad_out must match input in shape, dtype and device, got ",
+              grad_out.sizes(), " ", grad_out.scalar_type(), " vs ", input.sizes(), " ", input.scalar_type());
+  const at::ScalarType stat_type = acc_dtype(input.scalar_type());
+  for (const at::Tensor* s : {&mean, &rstd}) {
+    TORCH_CHECK(s->numel() == rows && s->scalar_type() == stat_type && s->device() == input.device(),
+                "fused_norm::layer_norm_bwd: mean/rstd must hold one ", stat_type, " per row (", rows,
+                "), got ", s->sizes(), " ", s->scalar_type());
+  }
+  const bool has_w = weight_opt.has_value() && weight_opt->defined();
+  const bool has_b = bias_opt.has_value() && bias_opt->defined();
+
+  at::Tensor dx = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto param_opts = input.options().dtype(w_type);
+  at::Tensor dweight = has_w ? at::empty(normalized_shape, param_opts) : at::empty({0}, param_opts);
+  at::Tensor dbias = has_b ? at::empty(normalized_shape, param_opts) : at::empty({0}, param_opts);
+  if (rows == 0 || cols == 0) {
+    dweight.zero_();
+    dbias.zero_();
+    return {dx, dweight, dbias};
+  }
+  const auto [x, x_rs] = as_rows(input, k, cols);
+  const auto [dy, dy_rs] = as_rows(grad_out, k, cols);
+  const at::Tensor mean_c = mean.contiguous();
+  const at::Tensor rstd_c = rstd.contiguous();
+  const at::Tensor weight = has_w ? weight_opt->contiguous() : at::Tensor();
+
+  LayerNormBwdParams p;
+  p.dy = dy.const_data_ptr();
+  p.x = x.const_data_ptr();
+  p.mean = mean_c.const_data_ptr();
+  p.rstd = rstd_c.const_data_ptr();
+  p.weight = has_w ? weight.const_data_ptr() : nullptr;
+  p.dx = dx.mutable_data_ptr();
+  p.dweight = has_w ? dweight.mutable_data_ptr() : nullptr;
+  p.dbias = has_b ? dbias.mutable_data_ptr() : nullptr;
+  p.rows = rows;
+  p.cols = cols;
+  p.dy_row_stride = dy_rs;
+  p.x_row_stride = x_rs;
+  p.dx_row_stride = cols;
+  p.x_dtype = x_dtype;
+  p.w_dtype = to_dtype(w_type, kOpName);
+  run_on_device(
+      input, [&] { layer_norm_bwd_cpu(p); },
+      FN_CUDA_LAUNCH([&](cudaStream_t stream) {
+        const int64_t bytes = layer_norm_bwd_cuda_workspace_bytes(p);
+        at::Tensor workspace;
+        if (bytes > 0) {
+          workspace = at::empty({bytes}, input.options().dtype(at::kByte));
+          p.workspace = workspace.mutable_data_ptr();
+        }
+        return layer_norm_bwd_cuda(p, stream);
+      }));
+  return {dx, dweight, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fused_norm, m) {
+  m.def("layer_norm_fwd(Tensor input, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, float eps)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_bwd(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor mean, Tensor rstd,"
+        " Tensor? weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fused_norm, CPU, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd);
+  m.impl("layer_norm_bwd", &layer_norm_bwd);
+}
+
+#ifdef FUSED_NORM_WITH_CUDA
+TORCH_LIBRARY_IMPL(fused_norm, CUDA, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd);
+  m.impl("layer_norm_bwd", &layer_norm_bwd);
+}
+#endif
+
+}  // namespace fused_norm

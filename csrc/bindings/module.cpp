@@ -1,0 +1,38 @@
+// The Python module fused_norm._C: importing it registers the ops (TORCH_LIBRARY
+// blocks in this directory) and exposes the CPU kernels' instruction-set selection.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "../cpu/kernels.h"
+
+TORCH_LIBRARY(fused_norm, m) {}
+
+namespace {
+
+PyObject* get_cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fused_norm::cpu_capability());
+}
+
+PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  if (!fused_norm::set_cpu_capability(name)) {
+    PyErr_Format(PyExc_ValueError,
+                 "fused_norm: CPU capability '%s' is unknown or not supported by this processor", name);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"get_cpu_capability", get_cpu_capability, METH_NOARGS,
+     "Instruction set the CPU kernels use: 'baseline', 'avx2' or 'avx512'."},
+    {"set_cpu_capability", set_cpu_capability, METH_O,
+     "Select the CPU kernels' instruction set ('baseline', 'avx2', 'avx512')."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module_def); }

@@ -1,0 +1,17 @@
+// Entry points of the CPU kernels. Torch-free declarations; each dispatches at run time
+// to the widest instruction set this processor supports (see cpu_dispatch.cpp).
+#pragma once
+#include "../params.h"
+
+namespace fused_norm {
+
+void layer_norm_fwd_cpu(const LayerNormFwdParams& p);
+void layer_norm_bwd_cpu(const LayerNormBwdParams& p);
+
+// "baseline" (x86-64 SSE2), "avx2" (AVX2+FMA+F16C) or "avx512" (F/BW/VL/DQ).
+const char* cpu_capability();
+// Selects a capability (for tests and benchmarks); returns false if the processor
+// lacks it or the name is unknown.
+bool set_cpu_capability(const char* name);
+
+}  // namespace fused_norm

@@ -1,0 +1,15 @@
+"""fused_norm: fused LayerNorm and BatchNorm kernels for PyTorch.
+
+The ops live in the ``torch.ops.fused_norm`` namespace (CPU and, when built with CUDA,
+CUDA kernels), with fake kernels and autograd so that ``torch.compile`` traces them.
+``layer_norm`` mirrors ``torch.nn.functional.layer_norm``; ``FusedLayerNorm`` is a
+``torch.nn.LayerNorm`` subclass.
+"""
+
+from . import _ops  # noqa: F401  (registers the ops, fake kernels and autograd)
+from ._ops import cpu_capability, set_cpu_capability
+from .functional import layer_norm
+from .modules import FusedLayerNorm
+
+__all__ = ["layer_norm", "FusedLayerNorm", "cpu_capability", "set_cpu_capability"]
+__version__ = "0.1.0"

@@ -1,0 +1,89 @@
+"""Definitions around the C++ ops: fake (meta) kernels for tracing, autograd formulas
+and autocast behaviour. Importing this module loads the compiled library."""
+
+import torch
+
+from . import _C  # registers torch.ops.fused_norm.*
+
+ops = torch.ops.fused_norm
+
+
+def cpu_capability() -> str:
+    """Instruction set the CPU kernels run with: 'avx512', 'avx2' or 'baseline'."""
+    return _C.get_cpu_capability()
+
+
+def set_cpu_capability(name: str) -> None:
+    """Run the CPU kernels with a narrower instruction set ('avx2', 'baseline'), e.g. to
+    test or compare them. Raises ValueError if this processor does not support it.
+    The environment variable FUSED_NORM_CPU_CAPABILITY sets the initial choice."""
+    _C.set_cpu_capability(name)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# LayerNorm
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("fused_norm::layer_norm_fwd")
+def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps):
+    k = len(normalized_shape)
+    torch._check(k >= 1, lambda: "Expected normalized_shape to be at least 1-dimensional")
+    torch._check(
+        input.dim() >= k and tuple(input.shape[input.dim() - k:]) == tuple(normalized_shape),
+        lambda: f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
+        f"[*, {', '.join(str(s) for s in normalized_shape)}], but got input of size{list(input.shape)}",
+    )
+    stats_shape = list(input.shape[: input.dim() - k]) + [1] * k
+    y = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    mean = input.new_empty(stats_shape, dtype=_acc_dtype(input.dtype))
+    rstd = input.new_empty(stats_shape, dtype=_acc_dtype(input.dtype))
+    return y, mean, rstd
+
+
+def _param_dtype(input, weight, bias):
+    for p in (weight, bias):
+        if p is not None and p.dtype != input.dtype:
+            return p.dtype
+    return input.dtype
+
+
+@torch.library.register_fake("fused_norm::layer_norm_bwd")
+def _layer_norm_bwd_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias):
+    dtype = _param_dtype(input, weight, bias)
+    dx = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    dw = input.new_empty(tuple(normalized_shape) if weight is not None else (0,), dtype=dtype)
+    db = input.new_empty(tuple(normalized_shape) if bias is not None else (0,), dtype=dtype)
+    return dx, dw, db
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    input, normalized_shape, weight, bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.normalized_shape = normalized_shape
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(input, weight, bias, mean, rstd)
+
+
+def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = ops.layer_norm_bwd(grad_y, input, ctx.normalized_shape, mean, rstd, weight, bias)
+    return (
+        dx if ctx.needs_input_grad[0] else None,
+        None,
+        dw if weight is not None and ctx.needs_input_grad[2] else None,
+        db if bias is not None and ctx.needs_input_grad[3] else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "fused_norm::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup_context
+)
+# Under CUDA autocast, torch runs layer_norm in float32 (its "fp32" cast policy); on
+# CPU autocast leaves layer_norm alone, which is what an op without a rule does.
+torch.library.register_autocast("fused_norm::layer_norm_fwd", "cuda", torch.float32)

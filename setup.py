@@ -1,0 +1,112 @@
+"""Build fused_norm against the torch already installed.
+
+    pip install --no-build-isolation -e .
+
+The CPU kernels are always built. The CUDA kernels are built too when torch is a
+CUDA build and a CUDA toolkit is found, whether or not a GPU is present.
+
+Environment:
+    FUSED_NORM_CUDA=1 / 0   force the CUDA kernels on (fail if impossible) / off
+    CUDA_HOME, CUDA_PATH    toolkit root; otherwise /usr/local/cuda, then nvcc on PATH
+    TORCH_CUDA_ARCH_LIST    default "8.0;9.0;10.0+PTX"
+    MAX_JOBS                parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0;10.0+PTX"
+
+
+def _is_toolkit(root):
+    return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(root, "include", "cuda_runtime.h"))
+
+
+def _nvcc_on_path_root():
+    """The toolkit behind `nvcc` on PATH. nvcc may be a wrapper script that execs the real
+    one (as in /usr/local/bin/nvcc here), so ask it where it lives instead of guessing
+    from the wrapper's path, which is what makes torch pick CUDA_HOME=/usr/local."""
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True,
+                             timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        # nvcc --dryrun prints '#$ _HERE_=/usr/local/cuda-13.0/bin'
+        if line.startswith("#$ _HERE_="):
+            top = os.path.dirname(os.path.normpath(line.split("=", 1)[1].strip()))
+            if _is_toolkit(top):
+                return top
+    root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return root if _is_toolkit(root) else None
+
+
+def find_cuda_home():
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if _is_toolkit(root):
+            return os.path.realpath(root)
+    return _nvcc_on_path_root()
+
+
+def want_cuda():
+    import torch
+
+    flag = os.environ.get("FUSED_NORM_CUDA", "").strip().lower()
+    if flag in ("0", "off", "false", "no"):
+        return None
+    cuda_home = find_cuda_home() if torch.version.cuda else None
+    if flag in ("1", "on", "true", "yes") and not cuda_home:
+        sys.exit("FUSED_NORM_CUDA=1 but " + (
+            "torch is a CPU-only build" if not torch.version.cuda else "no CUDA toolkit was found "
+            "(set CUDA_HOME to the directory holding bin/nvcc)"))
+    return cuda_home
+
+
+cuda_home = want_cuda()
+if cuda_home:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+sources = sorted(glob.glob("csrc/bindings/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+if cuda_home:
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    extension = CUDAExtension(
+        "fused_norm._C",
+        sources,
+        define_macros=[("FUSED_NORM_WITH_CUDA", "1")],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    extension = CppExtension(
+        "fused_norm._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+
+print(f"fused_norm: building CPU kernels{' and CUDA kernels (CUDA_HOME=' + cuda_home + ')' if cuda_home else ''}")
+
+setup(
+    name="fused_norm",
+    version="0.1.0",
+    description="Fused LayerNorm and BatchNorm kernels for PyTorch (CPU and CUDA), compile-ready drop-ins",
+    packages=["fused_norm"],
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch"],
+)
