@@ -81,8 +81,51 @@ def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
     )
 
 
+def _layer_norm_bwd_setup_context(ctx, inputs, output):
+    grad_out, input, normalized_shape, _mean, rstd, weight, bias = inputs
+    ctx.normalized_shape = normalized_shape
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(grad_out, input, rstd, weight)
+
+
+def _layer_norm_double_backward(ctx, grad_dx, grad_dw, grad_db):
+    """Backward of layer_norm_bwd (double backward of layer_norm), by differentiating the
+    backward formula written in torch ops, with mean and rstd recomputed from the input
+    so that their dependence on it is included."""
+    grad_out, input, rstd, weight = ctx.saved_tensors
+    acc = _acc_dtype(input.dtype)
+    k = len(ctx.normalized_shape)
+    dims = tuple(range(input.dim() - k, input.dim()))
+    lead = tuple(range(input.dim() - k))
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (grad_out, input, weight)]
+        dy, x, w = (t.to(acc) if t is not None else None for t in leaves)
+        mean = x.mean(dims, keepdim=True)
+        var = (x - mean).square().mean(dims, keepdim=True)
+        # eps recovered from the saved rstd: r equals the forward's rstd, with var's derivative.
+        eps = (rstd.to(acc).reshape(mean.shape).pow(-2) - var).detach()
+        r = (var + eps).rsqrt()
+        xhat = (x - mean) * r
+        g = dy * w if w is not None else dy
+        dx = r * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
+        outs, grads = [dx], [grad_dx]
+        if w is not None and grad_dw is not None and grad_dw.numel():
+            outs.append((dy * xhat).sum(lead))
+            grads.append(grad_dw)
+        if ctx.has_bias and grad_db is not None and grad_db.numel():
+            outs.append(dy.sum(lead))
+            grads.append(grad_db)
+        wanted = [t for t in leaves if t is not None]
+        result = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True, create_graph=torch.is_grad_enabled()))
+    d_grad_out, d_input, d_weight = (next(result) if t is not None else None for t in leaves)
+    return d_grad_out, d_input, None, None, None, d_weight, None
+
+
 torch.library.register_autograd(
     "fused_norm::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup_context
+)
+torch.library.register_autograd(
+    "fused_norm::layer_norm_bwd", _layer_norm_double_backward, setup_context=_layer_norm_bwd_setup_context
 )
 # Under CUDA autocast, torch runs layer_norm in float32 (its "fp32" cast policy); on
 # CPU autocast leaves layer_norm alone, which is what an op without a rule does.
