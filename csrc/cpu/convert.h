@@ -77,13 +77,53 @@ inline void dispatch_storage(DType x, DType w, F&& f) {
   }
 }
 
-// Independent accumulators per sum: lane-wise adds vectorize without reassociation, and
-// the final fold runs in a fixed order, so sums are reproducible.
+// Sums use explicit 64-byte vectors (GCC/Clang vector extensions; the compiler maps
+// them onto SSE2, AVX2 or AVX-512 registers of the build's ISA) with two independent
+// accumulators, then fold the lanes in a fixed order, so sums are reproducible.
 template <typename A>
-constexpr int kLanes = 128 / sizeof(A);
+struct Vec;
+template <>
+struct Vec<float> {
+  using type = float __attribute__((vector_size(64)));
+};
+template <>
+struct Vec<double> {
+  using type = double __attribute__((vector_size(64)));
+};
+template <typename A>
+using vec_t = typename Vec<A>::type;
+template <typename A>
+constexpr int64_t kLanes = sizeof(vec_t<A>) / sizeof(A);
 
 template <typename A>
-inline A fold_lanes(const A* acc, A tail) {
-  for (int l = 0; l < kLanes<A>; ++l) tail += acc[l];
+inline vec_t<A> loadu(const A* p) {
+  vec_t<A> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename A>
+inline A fold_lanes(vec_t<A> v, A tail) {
+  for (int64_t l = 0; l < kLanes<A>; ++l) tail += v[l];
   return tail;
+}
+
+// sum_i f(i) for i in [0, n), where f(i) returns a vector of lanes i..i+kLanes-1 for
+// full vectors and fs(i) the scalar term for the tail.
+template <typename A, typename F, typename FS>
+inline A vec_sum(int64_t n, F&& f, FS&& fs) {
+  constexpr int64_t L = kLanes<A>;
+  vec_t<A> acc0 = {}, acc1 = {};
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    acc0 += f(i);
+    acc1 += f(i + L);
+  }
+  if (i + L <= n) {
+    acc0 += f(i);
+    i += L;
+  }
+  A tail = 0;
+  for (; i < n; ++i) tail += fs(i);
+  return fold_lanes<A>(acc0 + acc1, tail);
 }

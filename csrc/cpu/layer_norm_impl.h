@@ -14,22 +14,16 @@ namespace ln {
 
 template <typename A>
 inline Moments<A> block_moments(const A* v, int64_t n) {
-  A acc[kLanes<A>] = {};
-  int64_t i = 0;
-  for (; i + kLanes<A> <= n; i += kLanes<A>)
-    for (int l = 0; l < kLanes<A>; ++l) acc[l] += v[i + l];
-  A tail = 0;
-  for (int64_t j = i; j < n; ++j) tail += v[j];
-  const A mean = fold_lanes(acc, tail) / static_cast<A>(n);
-  for (int l = 0; l < kLanes<A>; ++l) acc[l] = 0;
-  for (i = 0; i + kLanes<A> <= n; i += kLanes<A>)
-    for (int l = 0; l < kLanes<A>; ++l) {
-      const A d = v[i + l] - mean;
-      acc[l] += d * d;
-    }
-  tail = 0;
-  for (int64_t j = i; j < n; ++j) tail += (v[j] - mean) * (v[j] - mean);
-  return Moments<A>{static_cast<A>(n), mean, fold_lanes(acc, tail)};
+  const A mean = vec_sum<A>(n, [&](int64_t i) { return loadu(v + i); }, [&](int64_t i) { return v[i]; }) /
+                 static_cast<A>(n);
+  const A m2 = vec_sum<A>(
+      n,
+      [&](int64_t i) {
+        const vec_t<A> d = loadu(v + i) - mean;
+        return d * d;
+      },
+      [&](int64_t i) { return (v[i] - mean) * (v[i] - mean); });
+  return Moments<A>{static_cast<A>(n), mean, m2};
 }
 
 template <typename A>
@@ -118,22 +112,11 @@ void forward(const LayerNormFwdParams& p) {
 template <typename A>
 inline void grad_sums(const A* __restrict x, const A* __restrict dy, const A* __restrict w, int64_t n, A mean,
                       A& sum_g, A& sum_gx) {
-  A acc_g[kLanes<A>] = {}, acc_gx[kLanes<A>] = {};
-  int64_t i = 0;
-  for (; i + kLanes<A> <= n; i += kLanes<A>)
-    for (int l = 0; l < kLanes<A>; ++l) {
-      const A g = w ? dy[i + l] * w[i + l] : dy[i + l];
-      acc_g[l] += g;
-      acc_gx[l] += g * (x[i + l] - mean);
-    }
-  A tail_g = 0, tail_gx = 0;
-  for (; i < n; ++i) {
-    const A g = w ? dy[i] * w[i] : dy[i];
-    tail_g += g;
-    tail_gx += g * (x[i] - mean);
-  }
-  sum_g += fold_lanes(acc_g, tail_g);
-  sum_gx += fold_lanes(acc_gx, tail_gx);
+  auto g_vec = [&](int64_t i) { return w ? loadu(dy + i) * loadu(w + i) : loadu(dy + i); };
+  auto g_at = [&](int64_t i) { return w ? dy[i] * w[i] : dy[i]; };
+  sum_g += vec_sum<A>(n, g_vec, g_at);
+  sum_gx += vec_sum<A>(
+      n, [&](int64_t i) { return g_vec(i) * (loadu(x + i) - mean); }, [&](int64_t i) { return g_at(i) * (x[i] - mean); });
 }
 
 template <typename T, typename W>
