@@ -57,6 +57,15 @@ inline const A* data_or_null(const std::vector<A>& v) {
   return v.empty() ? nullptr : v.data();
 }
 
+// Asks for the next row while this one is computed: rows are short streams, too short
+// for the hardware prefetcher to run ahead on its own.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t cols) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = std::min<int64_t>(cols * static_cast<int64_t>(sizeof(T)), 16384);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
 // Rows per parallel task: enough elements to amortize the task.
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / cols); }
 
@@ -81,6 +90,7 @@ void forward(const LayerNormFwdParams& p) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * p.x_row_stride;
       T* yr = y + r * p.y_row_stride;
+      if (r + 1 < r1) prefetch_row(xr + p.x_row_stride, cols);
       Moments<A> m = moments_empty<A>();
       const A* v = nullptr;
       for (int64_t c = 0; c < cols; c += kBlock) {
@@ -108,15 +118,40 @@ void forward(const LayerNormFwdParams& p) {
   });
 }
 
-// sum(g) and sum(g * (x - mean)) over a block, g = dy * w (dy when w is null).
+// sum(g) and sum(g * (x - mean)) over a block in one sweep, g = dy * w (dy when w is null).
 template <typename A>
 inline void grad_sums(const A* __restrict x, const A* __restrict dy, const A* __restrict w, int64_t n, A mean,
                       A& sum_g, A& sum_gx) {
-  auto g_vec = [&](int64_t i) { return w ? loadu(dy + i) * loadu(w + i) : loadu(dy + i); };
-  auto g_at = [&](int64_t i) { return w ? dy[i] * w[i] : dy[i]; };
-  sum_g += vec_sum<A>(n, g_vec, g_at);
-  sum_gx += vec_sum<A>(
-      n, [&](int64_t i) { return g_vec(i) * (loadu(x + i) - mean); }, [&](int64_t i) { return g_at(i) * (x[i] - mean); });
+  constexpr int64_t L = kLanes<A>;
+  vec_t<A> acc_g = {}, acc_gx = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const vec_t<A> g = w ? loadu(dy + i) * loadu(w + i) : loadu(dy + i);
+    acc_g += g;
+    acc_gx += g * (loadu(x + i) - mean);
+  }
+  A tail_g = 0, tail_gx = 0;
+  for (; i < n; ++i) {
+    const A g = w ? dy[i] * w[i] : dy[i];
+    tail_g += g;
+    tail_gx += g * (x[i] - mean);
+  }
+  sum_g += fold_lanes<A>(acc_g, tail_g);
+  sum_gx += fold_lanes<A>(acc_gx, tail_gx);
+}
+
+// dx of a block, and (kPartial) dy*xhat and dy added to the partial dweight/dbias rows.
+template <bool kWeight, bool kPartial, typename A>
+inline void dx_block(const A* __restrict x, const A* __restrict dy, const A* __restrict w, int64_t n, A mean,
+                     A rstd, A c1, A c2, A* __restrict out, A* __restrict pw, A* __restrict pb) {
+  for (int64_t i = 0; i < n; ++i) {
+    const A xhat = (x[i] - mean) * rstd;
+    out[i] = layer_norm_dx(kWeight ? dy[i] * w[i] : dy[i], xhat, rstd, c1, c2);
+    if constexpr (kPartial) {
+      pw[i] += dy[i] * xhat;
+      pb[i] += dy[i];
+    }
+  }
 }
 
 template <typename T, typename W>
@@ -145,6 +180,7 @@ void backward(const LayerNormBwdParams& p) {
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     std::vector<A> x_buf(block), dy_buf(block), out_buf(kDirect ? 0 : block);
     for (int64_t g = g0; g < g1; ++g) {
+      // Both partial rows are accumulated when either gradient is wanted.
       A* pw = partial.empty() ? nullptr : partial.data() + g * 2 * cols;
       A* pb = pw ? pw + cols : nullptr;
       for (int64_t r = rows * g / groups; r < rows * (g + 1) / groups; ++r) {
@@ -175,15 +211,15 @@ void backward(const LayerNormBwdParams& p) {
             out = out_buf.data();
           }
           const A* wc = wp ? wp + c : nullptr;
-          for (int64_t i = 0; i < n; ++i) {
-            const A xhat = (xv[i] - mean) * rstd;
-            const A g = wc ? dv[i] * wc[i] : dv[i];
-            out[i] = layer_norm_dx(g, xhat, rstd, c1, c2);
+          if (pw && wc) {
+            dx_block<true, true>(xv, dv, wc, n, mean, rstd, c1, c2, out, pw + c, pb + c);
+          } else if (pw) {
+            dx_block<false, true>(xv, dv, wc, n, mean, rstd, c1, c2, out, pw + c, pb + c);
+          } else if (wc) {
+            dx_block<true, false>(xv, dv, wc, n, mean, rstd, c1, c2, out, pw, pb);
+          } else {
+            dx_block<false, false>(xv, dv, wc, n, mean, rstd, c1, c2, out, pw, pb);
           }
-          if (want_dw)
-            for (int64_t i = 0; i < n; ++i) pw[c + i] += dv[i] * ((xv[i] - mean) * rstd);
-          if (want_db)
-            for (int64_t i = 0; i < n; ++i) pb[c + i] += dv[i];
           if constexpr (!kDirect) narrow(out, n, dxr + c);
         }
       }
