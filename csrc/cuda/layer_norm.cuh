@@ -1,0 +1,696 @@
+// CUDA LayerNorm kernels. Rows of `cols` contiguous elements at a row stride; one row
+// is handled by a group of threads, in three tiers chosen by the row length:
+//
+//  * resident, warp groups (GROUP = 1..32 lanes per row, several rows per block): the row
+//    lives in registers, reductions are shuffle butterflies inside the group;
+//  * resident, block per row (GROUP == 0): the row lives in the registers of one block,
+//    reductions go through shared memory;
+//    both resident tiers read x (and dy) from memory once and compute exact two-pass
+//    statistics (the mean, then the sum of squared deviations) over the registers;
+//  * streaming, block per row: rows too long for the registers. Each thread merges the
+//    exact moments of its vectors with Chan's formula, the block merges the threads'
+//    moments in a fixed order, and a second sweep re-reads x to write y.
+//
+// Accesses are vectors of VEC elements (16 bytes when the host found every pointer and
+// row stride aligned for it, else VEC == 1) and scalar where a vector would cross the
+// end of the row. Every reduction has a fixed order, so results are bitwise
+// reproducible. The backward's dweight/dbias are column sums without atomics: each
+// block accumulates its rows into fp32 (fp64) partial rows in the workspace, and
+// ln_bwd_param_reduce_kernel adds the partial rows in a fixed order.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../norm_math.h"
+#include "../params.h"
+
+#define FN_DEV __device__ __forceinline__
+
+namespace fused_norm {
+namespace ln_cuda {
+
+constexpr int kWarpTierThreads = 128;     // block size of the warp-group tier
+constexpr int kBlockTierMaxThreads = 512;  // largest block of the block-per-row tier
+constexpr int kStreamThreads = 512;        // block size of the streaming tier
+constexpr int kReduceCols = 32;            // param reduction: columns per block
+constexpr int kReduceSlices = 8;           // param reduction: slices of partial rows
+
+// Elements in a 16-byte vector.
+template <typename T>
+constexpr int kMaxVec = static_cast<int>(16 / sizeof(T));
+
+// ---------------------------------------------------------------------------------------
+// Conversions between storage and accumulation types.
+FN_DEV float to_acc(float v) { return v; }
+FN_DEV double to_acc(double v) { return v; }
+FN_DEV float to_acc(__half v) { return __half2float(v); }
+FN_DEV float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> struct Narrow;
+template <> struct Narrow<float> {
+  static FN_DEV float from(float v) { return v; }
+};
+template <> struct Narrow<double> {
+  static FN_DEV double from(double v) { return v; }
+};
+template <> struct Narrow<__half> {
+  static FN_DEV __half from(float v) { return __float2half_rn(v); }
+};
+template <> struct Narrow<__nv_bfloat16> {
+  static FN_DEV __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+template <typename T, typename A>
+FN_DEV T from_acc(A v) { return Narrow<T>::from(v); }
+
+// 16-bit storage types as the low 16 bits of a word.
+template <typename T> struct Bits;
+template <> struct Bits<__half> {
+  static FN_DEV float lo(uint32_t u) { return __half2float(__ushort_as_half(static_cast<unsigned short>(u))); }
+  static FN_DEV float hi(uint32_t u) { return lo(u >> 16); }
+  static FN_DEV uint32_t of(__half v) { return __half_as_ushort(v); }
+  static FN_DEV __half make(uint32_t u) { return __ushort_as_half(static_cast<unsigned short>(u)); }
+};
+template <> struct Bits<__nv_bfloat16> {
+  static FN_DEV float lo(uint32_t u) { return __uint_as_float(u << 16); }
+  static FN_DEV float hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
+  static FN_DEV uint32_t of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+  static FN_DEV __nv_bfloat16 make(uint32_t u) { return __ushort_as_bfloat16(static_cast<unsigned short>(u)); }
+};
+
+// ---------------------------------------------------------------------------------------
+// Vector accesses. N consecutive elements at p, which is aligned to min(16, N*sizeof(U))
+// bytes; moved as 16-byte (or smaller when N*sizeof(U) < 16) packs.
+template <typename U, int N>
+struct alignas(sizeof(U) * N) Pack {
+  U v[N];
+};
+
+template <int N, typename U>
+FN_DEV void load_raw(const U* p, U (&out)[N]) {
+  constexpr int C = N < kMaxVec<U> ? N : kMaxVec<U>;
+#pragma unroll
+  for (int i = 0; i < N; i += C) {
+    const Pack<U, C> pk = *reinterpret_cast<const Pack<U, C>*>(p + i);
+#pragma unroll
+    for (int j = 0; j < C; ++j) out[i + j] = pk.v[j];
+  }
+}
+
+template <int N, typename U>
+FN_DEV void store_raw(U* p, const U (&in)[N]) {
+  constexpr int C = N < kMaxVec<U> ? N : kMaxVec<U>;
+#pragma unroll
+  for (int i = 0; i < N; i += C) {
+    Pack<U, C> pk;
+#pragma unroll
+    for (int j = 0; j < C; ++j) pk.v[j] = in[i + j];
+    *reinterpret_cast<Pack<U, C>*>(p + i) = pk;
+  }
+}
+
+// N storage values of type T held in registers, 16-bit types packed two per 32-bit
+// register (as separate values they would take a register each). get(j) widens element
+// j to the accumulation type; put(j, a) narrows into it and must be called for j = 0,
+// 1, ..., N-1 in order. load/store move the N elements at p (aligned as for load_raw);
+// the _slot versions take the number n (any value) of those elements that lie inside
+// the row: one vector access when all do, element accesses otherwise, and elements past
+// the row read as zero.
+template <typename T, int N, bool kPacked = sizeof(T) == 2 && N % 2 == 0>
+struct Vec {
+  T v[N];
+  FN_DEV acc_t<T> get(int j) const { return to_acc(v[j]); }
+  FN_DEV void put(int j, acc_t<T> a) { v[j] = from_acc<T>(a); }
+  FN_DEV void load(const T* p) { load_raw<N>(p, v); }
+  FN_DEV void store(T* p) const { store_raw<N>(p, v); }
+  FN_DEV void load_slot(const T* p, int n) {
+    if (n >= N) {
+      load(p);
+    } else {
+#pragma unroll
+      for (int j = 0; j < N; ++j) v[j] = j < n ? p[j] : from_acc<T>(acc_t<T>(0));
+    }
+  }
+  FN_DEV void store_slot(T* p, int n) const {
+    if (n >= N) {
+      store(p);
+    } else {
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+        if (j < n) p[j] = v[j];
+    }
+  }
+};
+
+template <typename T, int N>
+struct Vec<T, N, true> {
+  uint32_t u[N / 2];
+  FN_DEV float get(int j) const { return j % 2 ? Bits<T>::hi(u[j / 2]) : Bits<T>::lo(u[j / 2]); }
+  FN_DEV void put(int j, float a) {
+    const uint32_t b = Bits<T>::of(from_acc<T>(a));
+    u[j / 2] = j % 2 ? u[j / 2] | (b << 16) : b;
+  }
+  FN_DEV void load(const T* p) { load_raw<N / 2>(reinterpret_cast<const uint32_t*>(p), u); }
+  FN_DEV void store(T* p) const { store_raw<N / 2>(reinterpret_cast<uint32_t*>(p), u); }
+  FN_DEV void load_slot(const T* p, int n) {
+    if (n >= N) {
+      load(p);
+    } else {
+#pragma unroll
+      for (int i = 0; i < N / 2; ++i)
+        u[i] = (2 * i < n ? Bits<T>::of(p[2 * i]) : 0u) | (2 * i + 1 < n ? Bits<T>::of(p[2 * i + 1]) << 16 : 0u);
+    }
+  }
+  FN_DEV void store_slot(T* p, int n) const {
+    if (n >= N) {
+      store(p);
+    } else {
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+        if (j < n) p[j] = Bits<T>::make(j % 2 ? u[j / 2] >> 16 : u[j / 2]);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Row reductions. Sums of N values over the threads sharing a row: a shuffle butterfly
+// inside an aligned group of GROUP lanes (GROUP <= 32), or over the block (GROUP == 0).
+// Every thread ends with the same bits: a butterfly partner adds the same two values
+// (a + b == b + a exactly), and in the block version every thread adds the warps'
+// sums in warp order. The block version alternates between two shared buffers, so one
+// barrier per call suffices: a buffer is rewritten two calls later, after a barrier
+// that every thread reaches only once it has read that buffer.
+template <int GROUP, typename A, int N>
+struct RowReduce {
+  FN_DEV void sum(A (&v)[N]) {
+#pragma unroll
+    for (int off = GROUP / 2; off > 0; off /= 2)
+#pragma unroll
+      for (int i = 0; i < N; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], off);
+  }
+};
+
+template <typename A, int N>
+struct RowReduce<0, A, N> {
+  int phase = 0;
+  FN_DEV void sum(A (&v)[N]) {
+    __shared__ A buf[2][N][32];
+    RowReduce<32, A, N>().sum(v);
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) buf[phase][i][warp] = v[i];
+    }
+    __syncthreads();
+    const int warps = blockDim.x / 32;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      A s = buf[phase][i][0];
+      for (int w = 1; w < warps; ++w) s += buf[phase][i][w];
+      v[i] = s;
+    }
+    phase ^= 1;
+  }
+};
+
+// Chan merge of every thread's moments over the block, in a fixed tree order inside each
+// warp and warp order across warps; every thread gets the same result. Same two-buffer
+// scheme as RowReduce<0>.
+template <typename A>
+struct BlockMoments {
+  int phase = 0;
+  FN_DEV Moments<A> merge(Moments<A> m) {
+    __shared__ Moments<A> buf[2][32];
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      Moments<A> o;
+      o.count = __shfl_down_sync(0xffffffffu, m.count, off);
+      o.mean = __shfl_down_sync(0xffffffffu, m.mean, off);
+      o.m2 = __shfl_down_sync(0xffffffffu, m.m2, off);
+      m = moments_merge(m, o);  // lane 0 ends with the warp's moments
+    }
+    if (threadIdx.x % 32 == 0) buf[phase][threadIdx.x / 32] = m;
+    __syncthreads();
+    const int warps = blockDim.x / 32;
+    Moments<A> r = buf[phase][0];
+    for (int w = 1; w < warps; ++w) r = moments_merge(r, buf[phase][w]);
+    phase ^= 1;
+    return r;
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Forward, resident tiers. A group of `gsize` threads holds a row: thread `lane` holds the
+// vectors lane, lane + gsize, ..., NV of them, as storage values. Warp tier: blocks of
+// kWarpTierThreads threads, 128/GROUP groups, each group a row. Block tier: one row per
+// block of blockDim.x (a multiple of 32) threads. Grid-stride over rows; the loop bound
+// is uniform over the block.
+template <typename T, typename W, int VEC, int NV, int GROUP>
+__global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxThreads, GROUP > 0 ? 4 : 1)
+    ln_fwd_resident_kernel(const LayerNormFwdParams p) {
+  using A = acc_t<T>;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const W* __restrict__ w = static_cast<const W*>(p.weight);
+  const W* __restrict__ b = static_cast<const W*>(p.bias);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  A* __restrict__ mean_out = static_cast<A*>(p.mean);
+  A* __restrict__ rstd_out = static_cast<A*>(p.rstd);
+  const int cols = static_cast<int>(p.cols);
+  const int gsize = GROUP > 0 ? GROUP : static_cast<int>(blockDim.x);
+  const int lane = static_cast<int>(threadIdx.x) % gsize;
+  const int rows_per_block = static_cast<int>(blockDim.x) / gsize;
+  const int group = static_cast<int>(threadIdx.x) / gsize;
+  RowReduce<GROUP, A, 1> reduce;
+
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows_per_block; base < p.rows;
+       base += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t row = base + group;
+    const bool valid = row < p.rows;
+    const T* xr = x + (valid ? row : 0) * p.x_row_stride;
+    Vec<T, VEC> v[NV];
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int c = (k * gsize + lane) * VEC;
+      v[k].load_slot(xr + c, valid ? cols - c : 0);
+    }
+    A s[1] = {A(0)};
+#pragma unroll
+    for (int k = 0; k < NV; ++k)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) s[0] += v[k].get(j);
+    reduce.sum(s);
+    const A mean = s[0] / static_cast<A>(cols);
+    A q[1] = {A(0)};
+#pragma unroll
+    for (int k = 0; k < NV; ++k)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const A d = v[k].get(j) - mean;
+        if ((k * gsize + lane) * VEC + j < cols) q[0] += d * d;
+      }
+    reduce.sum(q);
+    const A rstd = moments_rstd(Moments<A>{static_cast<A>(cols), mean, q[0]}, p.eps);
+    if (!valid) continue;  // only the last iteration of a warp-tier loop has invalid rows
+    if (lane == 0) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
+    T* yr = y + row * p.y_row_stride;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int c = (k * gsize + lane) * VEC;
+      const int n = cols - c;
+      if (n <= 0) continue;
+      Vec<W, VEC> wv, bv;
+      if (w) wv.load_slot(w + c, n);
+      if (b) bv.load_slot(b + c, n);
+      Vec<T, VEC> o;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        A t = (v[k].get(j) - mean) * rstd;
+        if (w) t *= wv.get(j);
+        if (b) t += bv.get(j);
+        o.put(j, t);
+      }
+      o.store_slot(yr + c, n);
+    }
+  }
+}
+
+// Forward, streaming tier: one row per block of kStreamThreads threads. Thread t owns the
+// vectors t, t + blockDim, ... (U1 in flight in the first sweep, U2 in the second, which
+// also loads the parameters); the last cols % VEC elements are done element-wise.
+template <typename T, typename W, int VEC>
+__global__ void __launch_bounds__(kStreamThreads, 1) ln_fwd_stream_kernel(const LayerNormFwdParams p) {
+  using A = acc_t<T>;
+  constexpr int U1 = 4;
+  constexpr int U2 = 2;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const W* __restrict__ w = static_cast<const W*>(p.weight);
+  const W* __restrict__ b = static_cast<const W*>(p.bias);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int64_t cols = p.cols;
+  const int64_t vec_end = cols / VEC * VEC;  // elements covered by whole vectors
+  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
+  const int64_t first = static_cast<int64_t>(threadIdx.x) * VEC;
+  BlockMoments<A> block_moments;
+
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const T* xr = x + row * p.x_row_stride;
+    Moments<A> m = moments_empty<A>();
+#pragma unroll 1
+    for (int64_t c0 = first; c0 < vec_end; c0 += U1 * step) {
+      Vec<T, VEC> v[U1];
+#pragma unroll
+      for (int u = 0; u < U1; ++u)
+        if (c0 + u * step < vec_end) v[u].load(xr + c0 + u * step);
+#pragma unroll
+      for (int u = 0; u < U1; ++u) {
+        if (c0 + u * step >= vec_end) break;
+        A s = 0;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) s += v[u].get(j);
+        const A mu = s * (A(1) / A(VEC));  // exact: VEC is a power of two
+        A q = 0;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const A d = v[u].get(j) - mu;
+          q += d * d;
+        }
+        m = moments_merge(m, Moments<A>{A(VEC), mu, q});
+      }
+    }
+    for (int64_t c = vec_end + threadIdx.x; c < cols; c += blockDim.x) moments_push(m, to_acc(xr[c]));
+    m = block_moments.merge(m);
+    const A mean = m.mean;
+    const A rstd = moments_rstd(m, p.eps);
+    if (threadIdx.x == 0) {
+      static_cast<A*>(p.mean)[row] = mean;
+      static_cast<A*>(p.rstd)[row] = rstd;
+    }
+
+    T* yr = y + row * p.y_row_stride;
+#pragma unroll 1
+    for (int64_t c0 = first; c0 < vec_end; c0 += U2 * step) {
+      Vec<T, VEC> v[U2];
+      Vec<W, VEC> wv[U2], bv[U2];
+#pragma unroll
+      for (int u = 0; u < U2; ++u) {
+        const int64_t c = c0 + u * step;
+        if (c >= vec_end) break;
+        v[u].load(xr + c);
+        if (w) wv[u].load(w + c);
+        if (b) bv[u].load(b + c);
+      }
+#pragma unroll
+      for (int u = 0; u < U2; ++u) {
+        const int64_t c = c0 + u * step;
+        if (c >= vec_end) break;
+        Vec<T, VEC> o;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          A t = (v[u].get(j) - mean) * rstd;
+          if (w) t *= wv[u].get(j);
+          if (b) t += bv[u].get(j);
+          o.put(j, t);
+        }
+        o.store(yr + c);
+      }
+    }
+    for (int64_t c = vec_end + threadIdx.x; c < cols; c += blockDim.x) {
+      A t = (to_acc(xr[c]) - mean) * rstd;
+      if (w) t *= to_acc(w[c]);
+      if (b) t += to_acc(b[c]);
+      yr[c] = from_acc<T>(t);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward, resident tiers (same groups as the forward). Per row: x and dy are read once
+// into registers; the first sweep computes sum(g) and sum(g * xhat) and adds dy * xhat
+// and dy into per-thread column accumulators (a thread keeps the same columns for every
+// row); the second writes dx. At the end, the block writes its partial dweight/dbias
+// rows into the workspace: ws[blockIdx.x] and ws[gridDim.x + blockIdx.x], rows of ws_ld
+// elements. In the warp tier the block's groups hold partial sums of the same columns;
+// they are added in group order through shared memory (rows_per_block * cols values).
+template <typename T, typename W, int VEC, int NV, int GROUP>
+__global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxThreads, GROUP > 0 ? 4 : 1)
+    ln_bwd_resident_kernel(const LayerNormBwdParams p, acc_t<T>* __restrict__ ws, int64_t ws_ld) {
+  using A = acc_t<T>;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ dy = static_cast<const T*>(p.dy);
+  const W* __restrict__ w = static_cast<const W*>(p.weight);
+  const A* __restrict__ mean_in = static_cast<const A*>(p.mean);
+  const A* __restrict__ rstd_in = static_cast<const A*>(p.rstd);
+  T* __restrict__ dx = static_cast<T*>(p.dx);
+  const int cols = static_cast<int>(p.cols);
+  const int gsize = GROUP > 0 ? GROUP : static_cast<int>(blockDim.x);
+  const int lane = static_cast<int>(threadIdx.x) % gsize;
+  const int rows_per_block = static_cast<int>(blockDim.x) / gsize;
+  const int group = static_cast<int>(threadIdx.x) / gsize;
+  const A inv_cols = A(1) / static_cast<A>(cols);
+  const bool partials = ws != nullptr;
+  RowReduce<GROUP, A, 2> reduce;
+  A dw_acc[NV][VEC], db_acc[NV][VEC];
+#pragma unroll
+  for (int k = 0; k < NV; ++k)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) dw_acc[k][j] = db_acc[k][j] = A(0);
+
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows_per_block; base < p.rows;
+       base += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const int64_t row = base + group;
+    const bool valid = row < p.rows;
+    const T* xr = x + (valid ? row : 0) * p.x_row_stride;
+    const T* dyr = dy + (valid ? row : 0) * p.dy_row_stride;
+    // Invalid rows and columns past the row read x = dy = 0 and add nothing below.
+    Vec<T, VEC> xv[NV], dv[NV];
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int c = (k * gsize + lane) * VEC;
+      xv[k].load_slot(xr + c, valid ? cols - c : 0);
+      dv[k].load_slot(dyr + c, valid ? cols - c : 0);
+    }
+    const A mean = valid ? mean_in[row] : A(0);
+    const A rstd = valid ? rstd_in[row] : A(0);
+    A s[2] = {A(0), A(0)};  // sum(g), sum(g * xhat)
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int c = (k * gsize + lane) * VEC;
+      Vec<W, VEC> wv;
+      if (w) wv.load_slot(w + c, cols - c);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const A xh = (xv[k].get(j) - mean) * rstd;
+        const A d = dv[k].get(j);
+        const A g = w ? d * wv.get(j) : d;
+        s[0] += g;
+        s[1] += g * xh;
+        if (partials) {
+          dw_acc[k][j] += d * xh;
+          db_acc[k][j] += d;
+        }
+      }
+    }
+    reduce.sum(s);
+    const A c1 = s[1] * inv_cols;
+    const A c2 = s[0] * inv_cols;
+    if (!valid) continue;  // only the last iteration of a warp-tier loop has invalid rows
+    T* dxr = dx + row * p.dx_row_stride;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int c = (k * gsize + lane) * VEC;
+      const int n = cols - c;
+      if (n <= 0) continue;
+      Vec<W, VEC> wv;
+      if (w) wv.load_slot(w + c, n);
+      Vec<T, VEC> o;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const A xh = (xv[k].get(j) - mean) * rstd;
+        const A d = dv[k].get(j);
+        const A g = w ? d * wv.get(j) : d;
+        o.put(j, layer_norm_dx(g, xh, rstd, c1, c2));
+      }
+      o.store_slot(dxr + c, n);
+    }
+  }
+  if (!partials) return;
+
+  A* ws_w = ws + static_cast<int64_t>(blockIdx.x) * ws_ld;
+  A* ws_b = ws + static_cast<int64_t>(gridDim.x + blockIdx.x) * ws_ld;
+  if constexpr (GROUP > 0) {
+    extern __shared__ __align__(16) unsigned char ln_smem[];
+    A* part = reinterpret_cast<A*>(ln_smem);  // [rows_per_block][cols]
+#pragma unroll
+    for (int which = 0; which < 2; ++which) {
+      if (which) __syncthreads();  // every thread has read the dweight sums
+#pragma unroll
+      for (int k = 0; k < NV; ++k)
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const int c = (k * GROUP + lane) * VEC + j;
+          if (c < cols) part[group * cols + c] = which ? db_acc[k][j] : dw_acc[k][j];
+        }
+      __syncthreads();
+      A* out = which ? ws_b : ws_w;
+      for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        A t = part[c];
+        for (int g = 1; g < rows_per_block; ++g) t += part[g * cols + c];
+        out[c] = t;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int c = (k * gsize + lane) * VEC;
+      Vec<A, VEC> pw, pb;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        pw.put(j, dw_acc[k][j]);
+        pb.put(j, db_acc[k][j]);
+      }
+      pw.store_slot(ws_w + c, cols - c);
+      pb.store_slot(ws_b + c, cols - c);
+    }
+  }
+}
+
+// Backward, streaming tier: one row per block, two sweeps over x and dy (the first for
+// the row sums, the second for dx). The block adds dy * xhat and dy into its own
+// workspace rows ws[blockIdx.x] and ws[gridDim.x + blockIdx.x] (stored by its first row,
+// read-modify-written by the next ones, each column always by the same thread).
+template <typename T, typename W, int VEC>
+__global__ void __launch_bounds__(kStreamThreads, 1)
+    ln_bwd_stream_kernel(const LayerNormBwdParams p, acc_t<T>* __restrict__ ws, int64_t ws_ld) {
+  using A = acc_t<T>;
+  constexpr int U1 = 4;  // vectors in flight per thread, first sweep
+  constexpr int U2 = 1;  // second sweep, which also moves the partial rows (more spills)
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ dy = static_cast<const T*>(p.dy);
+  const W* __restrict__ w = static_cast<const W*>(p.weight);
+  T* __restrict__ dx = static_cast<T*>(p.dx);
+  const int64_t cols = p.cols;
+  const int64_t vec_end = cols / VEC * VEC;  // elements covered by whole vectors
+  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
+  const int64_t first_col = static_cast<int64_t>(threadIdx.x) * VEC;
+  const A inv_cols = A(1) / static_cast<A>(cols);
+  A* ws_w = ws ? ws + static_cast<int64_t>(blockIdx.x) * ws_ld : nullptr;
+  A* ws_b = ws ? ws + static_cast<int64_t>(gridDim.x + blockIdx.x) * ws_ld : nullptr;
+  RowReduce<0, A, 2> reduce;
+
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const bool first = row == blockIdx.x;
+    const T* xr = x + row * p.x_row_stride;
+    const T* dyr = dy + row * p.dy_row_stride;
+    const A mean = static_cast<const A*>(p.mean)[row];
+    const A rstd = static_cast<const A*>(p.rstd)[row];
+    A s[2] = {A(0), A(0)};  // sum(g), sum(g * xhat)
+#pragma unroll 1
+    for (int64_t c0 = first_col; c0 < vec_end; c0 += U1 * step) {
+      Vec<T, VEC> xv[U1], dv[U1];
+      Vec<W, VEC> wv[U1];
+#pragma unroll
+      for (int u = 0; u < U1; ++u) {
+        const int64_t c = c0 + u * step;
+        if (c >= vec_end) break;
+        xv[u].load(xr + c);
+        dv[u].load(dyr + c);
+        if (w) wv[u].load(w + c);
+      }
+#pragma unroll
+      for (int u = 0; u < U1; ++u) {
+        if (c0 + u * step >= vec_end) break;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const A d = dv[u].get(j);
+          const A g = w ? d * wv[u].get(j) : d;
+          s[0] += g;
+          s[1] += g * ((xv[u].get(j) - mean) * rstd);
+        }
+      }
+    }
+    for (int64_t c = vec_end + threadIdx.x; c < cols; c += blockDim.x) {
+      const A d = to_acc(dyr[c]);
+      const A g = w ? d * to_acc(w[c]) : d;
+      s[0] += g;
+      s[1] += g * ((to_acc(xr[c]) - mean) * rstd);
+    }
+    reduce.sum(s);
+    const A c1 = s[1] * inv_cols;
+    const A c2 = s[0] * inv_cols;
+
+    T* dxr = dx + row * p.dx_row_stride;
+#pragma unroll 1
+    for (int64_t c0 = first_col; c0 < vec_end; c0 += U2 * step) {
+      Vec<T, VEC> xv[U2], dv[U2];
+      Vec<W, VEC> wv[U2];
+      Vec<A, VEC> pw[U2], pb[U2];
+#pragma unroll
+      for (int u = 0; u < U2; ++u) {
+        const int64_t c = c0 + u * step;
+        if (c >= vec_end) break;
+        xv[u].load(xr + c);
+        dv[u].load(dyr + c);
+        if (w) wv[u].load(w + c);
+        if (ws && !first) {
+          pw[u].load(ws_w + c);
+          pb[u].load(ws_b + c);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U2; ++u) {
+        const int64_t c = c0 + u * step;
+        if (c >= vec_end) break;
+        Vec<T, VEC> o;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const A xh = (xv[u].get(j) - mean) * rstd;
+          const A d = dv[u].get(j);
+          const A g = w ? d * wv[u].get(j) : d;
+          o.put(j, layer_norm_dx(g, xh, rstd, c1, c2));
+          pw[u].v[j] = first ? d * xh : pw[u].v[j] + d * xh;
+          pb[u].v[j] = first ? d : pb[u].v[j] + d;
+        }
+        o.store(dxr + c);
+        if (ws) {
+          pw[u].store(ws_w + c);
+          pb[u].store(ws_b + c);
+        }
+      }
+    }
+    for (int64_t c = vec_end + threadIdx.x; c < cols; c += blockDim.x) {
+      const A xh = (to_acc(xr[c]) - mean) * rstd;
+      const A d = to_acc(dyr[c]);
+      const A g = w ? d * to_acc(w[c]) : d;
+      dxr[c] = from_acc<T>(layer_norm_dx(g, xh, rstd, c1, c2));
+      if (ws) {
+        ws_w[c] = first ? d * xh : ws_w[c] + d * xh;
+        ws_b[c] = first ? d : ws_b[c] + d;
+      }
+    }
+  }
+}
+
+// dweight/dbias from the partial rows: block (kReduceCols, kReduceSlices) covers
+// kReduceCols columns; slice t adds the partial rows [parts*t/S, parts*(t+1)/S) in order,
+// then the slices' sums are added in slice order. ws holds `parts` dweight partial rows
+// followed by `parts` dbias partial rows, ws_ld elements apart.
+template <typename A, typename W>
+__global__ void __launch_bounds__(kReduceCols * kReduceSlices)
+    ln_bwd_param_reduce_kernel(const A* __restrict__ ws, int parts, int64_t cols, int64_t ws_ld,
+                               W* __restrict__ dweight, W* __restrict__ dbias) {
+  __shared__ A red[2][kReduceSlices][kReduceCols + 1];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kReduceCols + threadIdx.x;
+  const int lo = static_cast<int>(static_cast<int64_t>(parts) * threadIdx.y / kReduceSlices);
+  const int hi = static_cast<int>(static_cast<int64_t>(parts) * (threadIdx.y + 1) / kReduceSlices);
+  A sw = 0, sb = 0;
+  if (c < cols) {
+    const A* pw = ws + c;
+    const A* pb = ws + static_cast<int64_t>(parts) * ws_ld + c;
+#pragma unroll 4
+    for (int i = lo; i < hi; ++i) {
+      sw += pw[i * ws_ld];
+      sb += pb[i * ws_ld];
+    }
+  }
+  red[0][threadIdx.y][threadIdx.x] = sw;
+  red[1][threadIdx.y][threadIdx.x] = sb;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= cols) return;
+  sw = red[0][0][threadIdx.x];
+  sb = red[1][0][threadIdx.x];
+#pragma unroll
+  for (int t = 1; t < kReduceSlices; ++t) {
+    sw += red[0][t][threadIdx.x];
+    sb += red[1][t][threadIdx.x];
+  }
+  if (dweight) dweight[c] = from_acc<W>(sw);
+  if (dbias) dbias[c] = from_acc<W>(sb);
+}
+
+}  // namespace ln_cuda
+}  // namespace fused_norm
