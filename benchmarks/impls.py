@@ -1,0 +1,213 @@
+"""The implementations compared: fused_norm and its peers.
+
+Each one turns a case's inputs into a forward function ``fn(x) -> y`` plus the parameters
+that get gradients; bench.py wraps that for the direction measured. ``unavailable(norm,
+device_type)`` says why an implementation cannot run (not installed, CUDA only, no BatchNorm)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import fused_norm
+
+
+@dataclass
+class Inputs:
+    """The tensors of one case. weight/bias are shared; each BatchNorm implementation gets its own
+    copy of the running statistics (they are updated in place)."""
+    x: torch.Tensor
+    dy: torch.Tensor | None
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor | None = None
+    running_var: torch.Tensor | None = None
+    eps: float = 1e-5
+    momentum: float = 0.1
+
+    @property
+    def normalized_shape(self):
+        return tuple(self.weight.shape)
+
+    def running_stats(self):
+        return self.running_mean.clone(), self.running_var.clone()
+
+
+def _module_with(module, inputs: Inputs):
+    """Move a peer's module to the inputs' device, its parameters set to (copies of) ours."""
+    module = module.to(device=inputs.x.device)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            ours = getattr(inputs, name)
+            setattr(module, name, torch.nn.Parameter(ours.detach().clone(), requires_grad=ours.requires_grad))
+    return module
+
+
+class Impl:
+    name = ""
+    label = ""
+    package = None  # distribution name, for the version in the environment record
+    modules = {}  # norm -> module that must import
+    cuda_only = False
+    note = ""  # printed under the results when this implementation is measured
+
+    def unavailable(self, norm: str, device_type: str) -> str | None:
+        if norm not in self.modules:
+            return f"{self.label} has no {'LayerNorm' if norm == 'ln' else 'BatchNorm'}"
+        if self.cuda_only and device_type != "cuda":
+            return f"{self.label} is CUDA only"
+        try:
+            importlib.import_module(self.modules[norm])
+        except Exception as e:  # noqa: BLE001 -- any import failure means "missing"
+            return f"{self.label} not importable ({type(e).__name__}: {e})"
+        return None
+
+    def version(self) -> str | None:
+        try:
+            return importlib.metadata.version(self.package) if self.package else None
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def forward(self, norm: str, inputs: Inputs, training: bool):
+        """(fn, params): fn(x) -> y, and the parameter tensors that receive gradients."""
+        if norm == "ln":
+            return self.layer_norm(inputs)
+        return self.batch_norm(inputs, training)
+
+    def layer_norm(self, inputs: Inputs):
+        raise NotImplementedError
+
+    def batch_norm(self, inputs: Inputs, training: bool):
+        raise NotImplementedError
+
+
+class FusedNorm(Impl):
+    name = label = package = "fused_norm"
+
+    def unavailable(self, norm, device_type):
+        if norm == "bn" and not hasattr(fused_norm, "batch_norm"):
+            return "fused_norm.batch_norm is not in this build yet"
+        if device_type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                "fused_norm::layer_norm_fwd", "CUDA"):
+            return "fused_norm was built without CUDA kernels"
+        return None
+
+    def layer_norm(self, t):
+        return (lambda x: fused_norm.layer_norm(x, t.normalized_shape, t.weight, t.bias, t.eps)), [t.weight, t.bias]
+
+    def batch_norm(self, t, training):
+        rm, rv = t.running_stats()
+        return (lambda x: fused_norm.batch_norm(x, rm, rv, t.weight, t.bias, training, t.momentum, t.eps)), \
+            [t.weight, t.bias]
+
+
+def _ln_ref(x, weight, bias, normalized_shape, eps):
+    return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+def _bn_ref(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+class TorchEager(Impl):
+    name, label, package = "torch", "torch eager", "torch"
+    modules = {"ln": "torch", "bn": "torch"}
+    note = "torch eager: torch.nn.functional.layer_norm / batch_norm (native kernels, cuDNN where torch picks it)."
+
+    def layer_norm(self, t):
+        return (lambda x: _ln_ref(x, t.weight, t.bias, t.normalized_shape, t.eps)), [t.weight, t.bias]
+
+    def batch_norm(self, t, training):
+        rm, rv = t.running_stats()
+        return (lambda x: _bn_ref(x, rm, rv, t.weight, t.bias, training, t.momentum, t.eps)), [t.weight, t.bias]
+
+
+class TorchCompile(Impl):
+    """torch.compile (Inductor, static shapes) of the torch reference functions. Dynamo is reset
+    whenever the input changes, so each input shape/dtype/layout gets its own graphs (one per
+    direction and mode) and no guard list grows over the run."""
+    name, label, package = "compile", "torch.compile", "torch"
+    modules = {"ln": "torch._inductor", "bn": "torch._inductor"}
+    note = ("torch.compile: Inductor-compiled torch.nn.functional reference (dynamic=False), compile time "
+            "excluded (first calls are warm-up).")
+
+    def __init__(self):
+        self._key = None
+        self._ln = self._bn = None
+
+    def _compiled(self, x):
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device)
+        if key != self._key:
+            torch._dynamo.reset()
+            self._ln = torch.compile(_ln_ref, dynamic=False)
+            self._bn = torch.compile(_bn_ref, dynamic=False)
+            self._key = key
+        return self._ln, self._bn
+
+    def layer_norm(self, t):
+        ln, _ = self._compiled(t.x)
+        return (lambda x: ln(x, t.weight, t.bias, t.normalized_shape, t.eps)), [t.weight, t.bias]
+
+    def batch_norm(self, t, training):
+        _, bn = self._compiled(t.x)
+        rm, rv = t.running_stats()
+        return (lambda x: bn(x, rm, rv, t.weight, t.bias, training, t.momentum, t.eps)), [t.weight, t.bias]
+
+
+class Apex(Impl):
+    name, label, package = "apex", "apex", "apex"
+    modules = {"ln": "apex.normalization", "bn": "apex.parallel"}
+    cuda_only = True
+    note = ("apex: apex.normalization.FusedLayerNorm; apex.parallel.SyncBatchNorm in one process "
+            "(channel_last=True on a permuted view for channels_last and (N, C) inputs).")
+
+    def layer_norm(self, t):
+        from apex.normalization import FusedLayerNorm
+        m = _module_with(FusedLayerNorm(t.normalized_shape, eps=t.eps), t)
+        return m, [m.weight, m.bias]
+
+    def batch_norm(self, t, training):
+        from apex.parallel import SyncBatchNorm
+        x = t.x
+        channels_last = x.dim() == 2 or (x.dim() > 2 and not x.is_contiguous())
+        m = _module_with(SyncBatchNorm(x.shape[1], eps=t.eps, momentum=t.momentum, channel_last=channels_last), t)
+        m.running_mean, m.running_var = t.running_stats()
+        m.train(training)
+        if channels_last and x.dim() > 2:  # apex wants channels as the last dim: a permuted view, no copy
+            to_last = (0, *range(2, x.dim()), 1)
+            back = (0, x.dim() - 1, *range(1, x.dim() - 1))
+            return (lambda x: m(x.permute(to_last)).permute(back)), [m.weight, m.bias]
+        return m, [m.weight, m.bias]
+
+
+class Liger(Impl):
+    name, label, package = "liger", "Liger-Kernel", "liger-kernel"
+    modules = {"ln": "liger_kernel.transformers"}
+    cuda_only = True
+    note = "Liger-Kernel: liger_kernel.transformers.LigerLayerNorm (Triton)."
+
+    def layer_norm(self, t):
+        from liger_kernel.transformers import LigerLayerNorm
+        m = _module_with(LigerLayerNorm(t.normalized_shape[-1], eps=t.eps, bias=True), t)
+        return m, [m.weight, m.bias]
+
+
+class Quack(Impl):
+    name, label, package = "quack", "QuACK", "quack-kernels"
+    modules = {"ln": "quack.layernorm"}
+    cuda_only = True
+    note = ("QuACK: quack.layernorm.layernorm (CuTe DSL); it has a float32 weight and no bias, so it "
+            "moves 2N fewer parameter bytes (bytes are counted the same for all).")
+
+    def layer_norm(self, t):
+        from quack.layernorm import layernorm
+        w = t.weight.detach().float().requires_grad_(t.weight.requires_grad)
+        return (lambda x: layernorm(x, w, t.eps)), [w]
+
+
+PEERS = {impl.name: impl for impl in (TorchEager, TorchCompile, Apex, Liger, Quack)}
+OURS = FusedNorm
