@@ -87,4 +87,30 @@ FN_HD T layer_norm_dx(T g, T xhat, T rstd, T c1, T c2) {
   return rstd * (g - c2 - xhat * c1);
 }
 
+// BatchNorm's running-stat update for one channel from the batch's Moments m (count n,
+// mean, M2) with factor f (momentum, or 1/num_batches_tracked): running_var gets the
+// unbiased variance M2 / (n - 1) (NaN for n == 1, as torch). In the stat dtype T.
+template <typename T>
+FN_HD void batch_norm_running_update(const Moments<T>& m, T f, T& running_mean, T& running_var) {
+  running_mean = f * m.mean + (T(1) - f) * running_mean;
+  running_var = f * (m.m2 / (m.count - T(1))) + (T(1) - f) * running_var;
+}
+
+// Per-channel scale and shift of BatchNorm's normalization y = x * scale + shift, with
+// weight w (1 when absent) and bias b (0 when absent).
+template <typename T>
+FN_HD void batch_norm_scale_shift(T mean, T invstd, T w, T b, T& scale, T& shift) {
+  scale = invstd * w;
+  shift = b - mean * scale;
+}
+
+// BatchNorm (training) input gradient for one element of a channel of n values:
+//   dx = (dy - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n) * invstd * w
+// with a = invstd * w, k = invstd^2 * sum_dy_xmu / n and mean_dy = sum_dy / n computed
+// once per channel.
+template <typename T>
+FN_HD T batch_norm_dx(T dy, T x, T mean, T a, T k, T mean_dy) {
+  return (dy - mean_dy - (x - mean) * k) * a;
+}
+
 }  // namespace fused_norm

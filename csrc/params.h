@@ -50,4 +50,88 @@ struct LayerNormBwdParams {
   DType w_dtype = DType::kFloat32;
 };
 
+// ---------------------------------------------------------------------------------------
+// BatchNorm. The input is seen as (N, C, S): N batch, C channels, S = product of the
+// spatial dims (1 for an (N, C) input). x, y, dy and dx of one call share one layout:
+enum class BatchNormLayout : int {
+  // element (n, c, s) at (n * C + c) * S + s: contiguous (N,C,L), NCHW, NCDHW.
+  kNCS = 0,
+  // element (n, c, s) at (n * S + s) * C + c: (N,C), channels_last (N,H,W,C),
+  // channels_last_3d, and (N,C,L) stored as (N,L,C). Also used for any layout when S == 1.
+  kNSC = 1,
+};
+// Per-channel vectors (weight, bias, running stats, save_mean/save_invstd, gradients)
+// are contiguous, C elements. "Stat dtype" is float, or double when x is double.
+// weight, bias, running_mean and running_var all have w_dtype, which is x_dtype or
+// (for fp16/bf16 x) float. Offsets are 64-bit: N * C * S may exceed 2^31.
+//
+// Forward, with n = N * S values per channel and f the update factor:
+//   training:  mean = sum x / n, m2 = sum (x - mean)^2 (exact: Welford/Chan merges),
+//              save_mean = mean, save_invstd = 1 / sqrt(m2 / n + eps) (biased variance);
+//              when running_mean != null:
+//                new_running_mean = (1 - f) * running_mean + f * mean
+//                new_running_var  = (1 - f) * running_var + f * m2 / (n - 1)  (unbiased;
+//                                   NaN for n == 1 as torch), computed in the stat dtype
+//                                   (see batch_norm_running_update in norm_math.h) and
+//                                   rounded to w_dtype;
+//              f = momentum, or 1 / *num_batches_tracked when cumulative (momentum=None).
+//   eval:      save_mean = running_mean, save_invstd = 1 / sqrt(running_var + eps)
+//              (both converted to the stat dtype); running_mean/var are non-null.
+//   both:      y = x * scale + shift with scale = save_invstd * weight and
+//              shift = bias - save_mean * scale per channel (weight 1 / bias 0 if null).
+// The binding never calls with n == 0 or C == 0.
+struct BatchNormFwdParams {
+  const void* x = nullptr;
+  const void* weight = nullptr;        // may be null
+  const void* bias = nullptr;          // may be null
+  const void* running_mean = nullptr;  // null iff running_var is null; non-null in eval
+  const void* running_var = nullptr;
+  // One int64 in the tensors' memory (device memory for CUDA: read it in a kernel, never
+  // on the host). Non-null and read only when cumulative && training && running_mean.
+  const int64_t* num_batches_tracked = nullptr;
+  void* y = nullptr;                 // x's dtype and layout
+  void* save_mean = nullptr;         // C, stat dtype; always written
+  void* save_invstd = nullptr;       // C, stat dtype; always written
+  void* new_running_mean = nullptr;  // C, w_dtype; non-null iff training && running_mean
+  void* new_running_var = nullptr;   // C, w_dtype; non-null iff training && running_mean
+  void* workspace = nullptr;  // scratch of the backend's workspace query size (null if 0)
+  int64_t N = 0;
+  int64_t C = 0;
+  int64_t S = 1;
+  BatchNormLayout layout = BatchNormLayout::kNCS;
+  bool training = true;     // batch statistics (true) or running statistics (false)
+  bool cumulative = false;  // momentum=None: f = 1 / *num_batches_tracked
+  double momentum = 0.1;    // f when !cumulative
+  double eps = 1e-5;
+  DType x_dtype = DType::kFloat32;
+  DType w_dtype = DType::kFloat32;
+};
+
+// Backward, from the forward's save_mean/save_invstd (mean, invstd) and n = N * S:
+//   sum_dy = sum dy, sum_dy_xmu = sum dy * (x - mean)                  (per channel)
+//   dbias = sum_dy;  dweight = sum_dy_xmu * invstd
+//   training: dx = batch_norm_dx(dy, x, mean, weight * invstd, invstd^2 * sum_dy_xmu / n,
+//                                sum_dy / n)   (norm_math.h)
+//   eval:     dx = dy * invstd * weight   (the statistics do not depend on x)
+// The per-channel sums are needed only for dweight/dbias, and for dx when training.
+// Reductions run in the stat dtype in a fixed order (bitwise reproducible).
+struct BatchNormBwdParams {
+  const void* dy = nullptr;      // x's dtype and layout
+  const void* x = nullptr;
+  const void* weight = nullptr;  // may be null (1)
+  const void* mean = nullptr;    // C, stat dtype
+  const void* invstd = nullptr;  // C, stat dtype
+  void* dx = nullptr;            // x's dtype and layout; never null
+  void* dweight = nullptr;       // C, w_dtype; null: not computed
+  void* dbias = nullptr;         // C, w_dtype; null: not computed
+  void* workspace = nullptr;     // scratch of the backend's workspace query size (null if 0)
+  int64_t N = 0;
+  int64_t C = 0;
+  int64_t S = 1;
+  BatchNormLayout layout = BatchNormLayout::kNCS;
+  bool training = true;
+  DType x_dtype = DType::kFloat32;
+  DType w_dtype = DType::kFloat32;
+};
+
 }  // namespace fused_norm

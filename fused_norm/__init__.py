@@ -3,13 +3,23 @@
 The ops live in the ``torch.ops.fused_norm`` namespace (CPU and, when built with CUDA,
 CUDA kernels), with fake kernels and autograd so that ``torch.compile`` traces them.
 ``layer_norm`` mirrors ``torch.nn.functional.layer_norm``; ``FusedLayerNorm`` is a
-``torch.nn.LayerNorm`` subclass.
+``torch.nn.LayerNorm`` subclass. ``batch_norm`` mirrors ``torch.nn.functional.batch_norm``;
+``FusedBatchNorm1d/2d/3d`` subclass ``torch.nn.BatchNorm1d/2d/3d``.
 """
 
 from . import _ops  # noqa: F401  (registers the ops, fake kernels and autograd)
 from ._ops import cpu_capability, set_cpu_capability
-from .functional import layer_norm
-from .modules import FusedLayerNorm
+from .functional import batch_norm, layer_norm
+from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedLayerNorm
 
-__all__ = ["layer_norm", "FusedLayerNorm", "cpu_capability", "set_cpu_capability"]
+__all__ = [
+    "layer_norm",
+    "FusedLayerNorm",
+    "batch_norm",
+    "FusedBatchNorm1d",
+    "FusedBatchNorm2d",
+    "FusedBatchNorm3d",
+    "cpu_capability",
+    "set_cpu_capability",
+]
 __version__ = "0.1.0"

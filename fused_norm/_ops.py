@@ -130,3 +130,119 @@ torch.library.register_autograd(
 # Under CUDA autocast, torch runs layer_norm in float32 (its "fp32" cast policy); on
 # CPU autocast leaves layer_norm alone, which is what an op without a rule does.
 torch.library.register_autocast("fused_norm::layer_norm_fwd", "cuda", torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm
+# ---------------------------------------------------------------------------------------
+
+
+def _batch_norm_format(input):
+    """Memory format of the outputs (and of the kernels' view of the input): torch's
+    suggest_memory_format, as the C++ op uses."""
+    return torch._prims_common.suggest_memory_format(input)
+
+
+def _batch_norm_param_dtype(input, *params):
+    """dtype of weight, bias and the running statistics: the first one given decides."""
+    return next((p.dtype for p in params if p is not None), input.dtype)
+
+
+@torch.library.register_fake("fused_norm::batch_norm_fwd")
+def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
+                         eps):
+    C = input.shape[1]
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
+        if t is not None:
+            torch._check(t.numel() == C, lambda: f"{name} should contain {C} elements not {t.numel()}")
+    torch._check(training or running_mean is not None, lambda: "running_mean must be defined in evaluation mode")
+    y = torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=_batch_norm_format(input))
+    save_mean = input.new_empty((C,), dtype=_acc_dtype(input.dtype))
+    save_invstd = input.new_empty((C,), dtype=_acc_dtype(input.dtype))
+    update = training and running_mean is not None
+    dtype = _batch_norm_param_dtype(input, weight, bias, running_mean, running_var)
+    new_mean = input.new_empty((C if update else 0,), dtype=dtype)
+    new_var = input.new_empty((C if update else 0,), dtype=dtype)
+    return y, save_mean, save_invstd, new_mean, new_var
+
+
+@torch.library.register_fake("fused_norm::batch_norm_bwd")
+def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, training):
+    dtype = _batch_norm_param_dtype(input, weight, bias)
+    dx = torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=_batch_norm_format(input))
+    dw = input.new_empty(weight.shape if weight is not None else (0,), dtype=dtype)
+    db = input.new_empty(bias.shape if bias is not None else (0,), dtype=dtype)
+    return dx, dw, db
+
+
+def _batch_norm_setup_context(ctx, inputs, output):
+    input, weight, bias, _rm, _rv, _nbt, training, _momentum, _eps = inputs
+    _y, save_mean, save_invstd, new_mean, new_var = output
+    ctx.training = training
+    ctx.mark_non_differentiable(save_mean, save_invstd, new_mean, new_var)
+    ctx.save_for_backward(input, weight, bias, save_mean, save_invstd)
+
+
+def _batch_norm_backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_new_mean, _grad_new_var):
+    input, weight, bias, save_mean, save_invstd = ctx.saved_tensors
+    dx, dw, db = ops.batch_norm_bwd(grad_y, input, weight, bias, save_mean, save_invstd, ctx.training)
+    return (
+        dx if ctx.needs_input_grad[0] else None,
+        dw if weight is not None and ctx.needs_input_grad[1] else None,
+        db if bias is not None and ctx.needs_input_grad[2] else None,
+        None, None, None, None, None, None,
+    )
+
+
+def _batch_norm_bwd_setup_context(ctx, inputs, output):
+    grad_out, input, weight, bias, save_mean, save_invstd, training = inputs
+    ctx.training = training
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(grad_out, input, weight, save_mean, save_invstd)
+
+
+def _batch_norm_double_backward(ctx, grad_dx, grad_dw, grad_db):
+    """Backward of batch_norm_bwd (double backward of batch_norm), by differentiating the
+    backward formula written in torch ops; in training the batch statistics are
+    recomputed from the input so that their dependence on it is included."""
+    grad_out, input, weight, save_mean, save_invstd = ctx.saved_tensors
+    acc = _acc_dtype(input.dtype)
+    dims = [0] + list(range(2, input.dim()))
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (grad_out, input, weight)]
+        dy, x, w = (t.to(acc) if t is not None else None for t in leaves)
+        if ctx.training:
+            mean = x.mean(dims, keepdim=True)
+            var = (x - mean).square().mean(dims, keepdim=True)
+            # eps recovered from the saved invstd: r equals the forward's invstd, with var's derivative.
+            eps = (save_invstd.to(acc).view(shape).pow(-2) - var).detach()
+            r = (var + eps).rsqrt()
+        else:
+            mean = save_mean.to(acc).view(shape)
+            r = save_invstd.to(acc).view(shape)
+        xhat = (x - mean) * r
+        a = r * w.view(shape) if w is not None else r
+        if ctx.training:
+            dx = a * (dy - dy.mean(dims, keepdim=True) - xhat * (dy * xhat).mean(dims, keepdim=True))
+        else:
+            dx = a * dy
+        outs, grads = [dx], [grad_dx]
+        if w is not None and grad_dw.numel():
+            outs.append((dy * xhat).sum(dims).view(w.shape))
+            grads.append(grad_dw)
+        if ctx.has_bias and grad_db.numel():
+            outs.append(dy.sum(dims))
+            grads.append(grad_db.view(-1))
+        wanted = [t for t in leaves if t is not None]
+        result = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True, create_graph=torch.is_grad_enabled()))
+    d_grad_out, d_input, d_weight = (next(result) if t is not None else None for t in leaves)
+    return d_grad_out, d_input, d_weight, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fused_norm::batch_norm_fwd", _batch_norm_backward, setup_context=_batch_norm_setup_context
+)
+torch.library.register_autograd(
+    "fused_norm::batch_norm_bwd", _batch_norm_double_backward, setup_context=_batch_norm_bwd_setup_context
+)

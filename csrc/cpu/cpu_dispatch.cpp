@@ -70,5 +70,7 @@ bool set_cpu_capability(const char* name) {
 
 void layer_norm_fwd_cpu(const LayerNormFwdParams& p) { active().load()->kernels->layer_norm_fwd(p); }
 void layer_norm_bwd_cpu(const LayerNormBwdParams& p) { active().load()->kernels->layer_norm_bwd(p); }
+void batch_norm_fwd_cpu(const BatchNormFwdParams& p) { active().load()->kernels->batch_norm_fwd(p); }
+void batch_norm_bwd_cpu(const BatchNormBwdParams& p) { active().load()->kernels->batch_norm_bwd(p); }
 
 }  // namespace fused_norm

@@ -7,6 +7,8 @@ namespace fused_norm {
 
 void layer_norm_fwd_cpu(const LayerNormFwdParams& p);
 void layer_norm_bwd_cpu(const LayerNormBwdParams& p);
+void batch_norm_fwd_cpu(const BatchNormFwdParams& p);
+void batch_norm_bwd_cpu(const BatchNormBwdParams& p);
 
 // "baseline" (x86-64 SSE2), "avx2" (AVX2+FMA+F16C) or "avx512" (F/BW/VL/DQ).
 const char* cpu_capability();

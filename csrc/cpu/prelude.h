@@ -28,6 +28,8 @@ namespace fused_norm {
 struct CpuKernels {
   void (*layer_norm_fwd)(const LayerNormFwdParams&);
   void (*layer_norm_bwd)(const LayerNormBwdParams&);
+  void (*batch_norm_fwd)(const BatchNormFwdParams&);
+  void (*batch_norm_bwd)(const BatchNormBwdParams&);
 };
 
 }  // namespace fused_norm

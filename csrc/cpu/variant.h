@@ -9,6 +9,7 @@ namespace FN_CPU_NS {
 
 #include "convert.h"
 #include "layer_norm_impl.h"
+#include "batch_norm_impl.h"
 
 }  // namespace FN_CPU_NS
 
@@ -16,6 +17,8 @@ extern const CpuKernels FN_CONCAT(kernels_, FN_CPU_NS);
 const CpuKernels FN_CONCAT(kernels_, FN_CPU_NS) = {
     &FN_CPU_NS::layer_norm_fwd,
     &FN_CPU_NS::layer_norm_bwd,
+    &FN_CPU_NS::batch_norm_fwd,
+    &FN_CPU_NS::batch_norm_bwd,
 };
 
 }  // namespace fused_norm

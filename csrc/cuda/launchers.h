@@ -12,4 +12,19 @@ cudaError_t layer_norm_fwd_cuda(const LayerNormFwdParams& p, cudaStream_t stream
 int64_t layer_norm_bwd_cuda_workspace_bytes(const LayerNormBwdParams& p);
 cudaError_t layer_norm_bwd_cuda(const LayerNormBwdParams& p, cudaStream_t stream);
 
+// BatchNorm (see BatchNormFwdParams / BatchNormBwdParams in params.h for the exact
+// math, dtypes, layouts and which pointers may be null). Both layouts (kNCS, kNSC) and
+// all four x dtypes with their w_dtype are handled. No atomics; bitwise reproducible.
+// The workspace (device memory, uninitialized; p.workspace is null when 0 bytes are
+// asked for) must not be assumed zeroed; sizes depend only on N, C, S, layout, dtypes
+// and the current device.
+//
+// Forward: statistics (training), running-stat update, then y. In eval only y and
+// save_mean/save_invstd. num_batches_tracked is a device pointer read on the device.
+int64_t batch_norm_fwd_cuda_workspace_bytes(const BatchNormFwdParams& p);
+cudaError_t batch_norm_fwd_cuda(const BatchNormFwdParams& p, cudaStream_t stream);
+// Backward: per-channel sums (when needed), dweight/dbias, then dx.
+int64_t batch_norm_bwd_cuda_workspace_bytes(const BatchNormBwdParams& p);
+cudaError_t batch_norm_bwd_cuda(const BatchNormBwdParams& p, cudaStream_t stream);
+
 }  // namespace fused_norm
