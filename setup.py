@@ -81,7 +81,7 @@ if cuda_home:
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 # No FMA contraction: every ISA build rounds the same way (and dx is exactly 0 where it should be).
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 sources = sorted(glob.glob("csrc/bindings/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
 if cuda_home:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -91,7 +91,7 @@ if cuda_home:
         define_macros=[("FUSED_NORM_WITH_CUDA", "1")],
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
         extra_link_args=["-fopenmp"],
     )
