@@ -8,6 +8,7 @@ namespace fused_norm {
 namespace FN_CPU_NS {
 
 #include "convert.h"
+#include "vec_io.h"
 #include "layer_norm_impl.h"
 #include "batch_norm_impl.h"
 
