@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   }
 
   const Laid x = lay_out(input, shape);
-  at::Tensor y = at::empty(input.sizes(), input.options().memory_format(x.format));
+  at::Tensor y = empty_output(input.sizes(), input.options(), x.format);
   const auto stat_opts = input.options().dtype(stat_dtype(input.scalar_type()));
   at::Tensor save_mean = at::empty({shape.C}, stat_opts);
   at::Tensor save_invstd = at::empty({shape.C}, stat_opts);
@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(const at::Tensor& 
   const bool has_w = defined(weight_opt), has_b = defined(bias_opt);
 
   const Laid x = lay_out(input, shape);
-  at::Tensor dx = at::empty(input.sizes(), input.options().memory_format(x.format));
+  at::Tensor dx = empty_output(input.sizes(), input.options(), x.format);
   const auto param_opts = input.options().dtype(w_type);
   at::Tensor dweight = at::empty(has_w ? weight_opt->sizes() : at::IntArrayRef{0}, param_opts);
   at::Tensor dbias = at::empty(has_b ? bias_opt->sizes() : at::IntArrayRef{0}, param_opts);

@@ -64,6 +64,10 @@ inline const void* ptr_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
 }
 
+// An uninitialized output tensor (y, dx) in `format`: large CPU outputs come from reused
+// huge-page mappings (output_alloc.cpp), others from torch's allocator.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format);
+
 // The CUDA half of a run_on_device call: compiled only in a CUDA build.
 #ifdef FUSED_NORM_WITH_CUDA
 #define FN_CUDA_LAUNCH(...) __VA_ARGS__

@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
   const at::ScalarType w_type = param_dtype(input, weight_opt, bias_opt);
   const int64_t k = static_cast<int64_t>(normalized_shape.size());
 
-  at::Tensor y = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y = empty_output(input.sizes(), input.options(), at::MemoryFormat::Contiguous);
   const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
   at::Tensor mean = at::empty(stats_shape(input, k), stat_opts);
   at::Tensor rstd = at::empty(stats_shape(input, k), stat_opts);
@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   const bool has_w = weight_opt.has_value() && weight_opt->defined();
   const bool has_b = bias_opt.has_value() && bias_opt->defined();
 
-  at::Tensor dx = at::empty(input.sizes(), input.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dx = empty_output(input.sizes(), input.options(), at::MemoryFormat::Contiguous);
   const auto param_opts = input.options().dtype(w_type);
   at::Tensor dweight = has_w ? at::empty(normalized_shape, param_opts) : at::empty({0}, param_opts);
   at::Tensor dbias = has_b ? at::empty(normalized_shape, param_opts) : at::empty({0}, param_opts);

@@ -7,12 +7,13 @@
 //    kBlock channels; elementwise passes on chunks of at most kBlock channels of a row.
 //
 // Training forward: one read of x computes exact moments per run / per tile column (two
-// sweeps over L1/L2-resident data), which are merged per channel in double in a fixed
-// order; the normalize pass applies one scale and shift per channel.
-// Backward: per-run / per-tile sums of dy and dy * (x - mean) (double accumulators),
-// added per channel in a fixed order, then one elementwise pass for dx. The partition depends only on the
-// shape, never on the thread count, and there are no atomics: results are bitwise
-// reproducible.
+// vectorized sweeps over L1/L2-resident data, in the accumulation type), which are merged
+// per channel in double in a fixed order; the normalize pass applies one scale and shift
+// per channel. Half and bfloat16 are converted in registers (vec_io.h), never copied.
+// Backward: per-run / per-tile sums of dy and dy * (x - mean) (products in the
+// accumulation type, sums in double lanes), added per channel in a fixed order, then one elementwise pass for dx. The
+// partition depends only on the shape, never on the thread count, and there are no
+// atomics: results are bitwise reproducible.
 #pragma once
 
 namespace bn {
@@ -48,20 +49,36 @@ struct NcsRuns {
   }
 };
 
-// kNSC tiles: blocks of `rb` rows by at most `cb` channels. Partial results are stored
+// kNSC tiles: blocks of at most kTileRows rows by kTileCols channels. The partial results
+// per (tile, channel) are 1/256 of the data; column sums of at most 256 rows can be kept
+// in float; a tile and the next one (being prefetched) fit in L2.
+constexpr int64_t kTileRows = 256, kTileCols = 256;
+
+// Partial results are stored
 // per (row block, channel).
 struct NscTiles {
   int64_t rows, C, cb, rb, row_blocks, col_blocks;
   NscTiles(int64_t rows_, int64_t c)
-      : rows(rows_), C(c), cb(std::min(c, kBlock)), rb(std::max<int64_t>(1, kGrainElems / cb)),
+      : rows(rows_), C(c), cb(std::min(c, kTileCols)), rb(std::max<int64_t>(1, std::min(kTileRows, rows_))),
         row_blocks((rows_ + rb - 1) / rb), col_blocks((c + cb - 1) / cb) {}
   int64_t partials() const { return row_blocks * C; }
   int64_t block_rows(int64_t k) const { return std::min(rb, rows - k * rb); }
-  // f(row block, first row, row count, first channel, channel count), in parallel.
-  template <typename F>
-  void parallel(F&& f) const {
+  // f(row block, first row, row count, first channel, channel count), in parallel. A
+  // tile's rows are short strided segments that the hardware prefetcher does not follow,
+  // so the next tile of the same thread is asked for, row by row, ahead of f: the rows
+  // of tensor t (of element type T) start at base[t] + row * C.
+  template <typename T, size_t kTensors, typename F>
+  void parallel(const std::array<const T*, kTensors>& base, F&& f) const {
     at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
+        if (t + 1 < t1) {
+          const int64_t k = (t + 1) / col_blocks, c0 = ((t + 1) % col_blocks) * cb;
+          const int64_t bytes = std::min(cb, C - c0) * static_cast<int64_t>(sizeof(T));
+          for (const T* b : base)
+            for (int64_t r = k * rb; r < k * rb + block_rows(k); ++r)
+              for (int64_t off = 0; off < bytes; off += 64)
+                __builtin_prefetch(reinterpret_cast<const char*>(b + r * C + c0) + off);
+        }
         const int64_t k = t / col_blocks, c0 = (t % col_blocks) * cb;
         f(k, k * rb, block_rows(k), c0, std::min(cb, C - c0));
       }
@@ -111,6 +128,53 @@ Moments<double> merge_parts(Each&& each) {
   return Moments<double>{n, mean, m2};
 }
 
+// Lanes i..i+L-1 of a per-channel coefficient for a run whose element i belongs to
+// channel c + i * kStep: one broadcast channel (kStep 0) or consecutive channels (kStep 1).
+template <int64_t kStep, typename A>
+inline vec_t<A> coef(const A* p, int64_t i) {
+  if constexpr (kStep == 0) {
+    return vec_t<A>{} + p[0];
+  } else {
+    return loadu(p + i);
+  }
+}
+
+// The first n (< kLanes) values at p in a vector, the other lanes zero.
+template <typename T, typename A = acc_t<T>>
+inline vec_t<A> load_part(const T* p, int64_t n) {
+  T buf[kLanes<A>] = {};
+  std::copy(p, p + n, buf);
+  return load_vec(buf);
+}
+
+// Loads vector j of a column chunk of a kNSC row; with kPartial, the chunk is one vector
+// with `last` valid lanes.
+template <bool kPartial, typename T>
+inline auto load_chunk(const T* p, int64_t j, int64_t last) {
+  if constexpr (kPartial) {
+    return load_part(p, last);
+  } else {
+    return load_vec(p + j * kLanes<acc_t<T>>);
+  }
+}
+
+// Runs f(Chunk{}, c, last) over the channels [0, nc) of a kNSC tile: chunks of kV full
+// vectors (accumulators stay in registers over the tile's rows), then single vectors,
+// then one partial vector with last = the number of channels left.
+template <int64_t kV, bool kPartial>
+struct Chunk {
+  static constexpr int64_t vecs = kV;
+  static constexpr bool partial = kPartial;
+};
+template <typename A, int64_t kV, typename F>
+inline void for_column_chunks(int64_t nc, F&& f) {
+  constexpr int64_t L = kLanes<A>;
+  int64_t c = 0;
+  for (; c + kV * L <= nc; c += kV * L) f(Chunk<kV, false>{}, c, L);
+  for (; c + L <= nc; c += L) f(Chunk<1, false>{}, c, L);
+  if (c < nc) f(Chunk<1, true>{}, c, nc - c);
+}
+
 // Exact moments of every channel: per run / tile in A, merged in double.
 template <typename T, typename A = acc_t<T>>
 std::vector<Moments<double>> channel_moments(const BatchNormFwdParams& p) {
@@ -120,10 +184,7 @@ std::vector<Moments<double>> channel_moments(const BatchNormFwdParams& p) {
   if (p.layout == BatchNormLayout::kNCS) {
     const NcsRuns runs(p.N, C, p.S);
     std::vector<Moments<A>> part(runs.count());
-    runs.parallel([&](int64_t, int64_t off, int64_t len, int64_t r) {
-      alignas(64) A buf[kBlock];
-      part[r] = ln::block_moments(widen(x + off, len, buf), len);
-    });
+    runs.parallel([&](int64_t, int64_t off, int64_t len, int64_t r) { part[r] = ln::block_moments(x + off, len); });
     for_channels(C, p.N * runs.per_plane, [&](int64_t c) {
       out[c] = merge_parts([&](auto&& f) {
         runs.channel_runs(c, [&](int64_t r) { f(part[r].count, part[r].mean, part[r].m2); });
@@ -131,36 +192,54 @@ std::vector<Moments<double>> channel_moments(const BatchNormFwdParams& p) {
     });
     return out;
   }
-  // kNSC: per tile, the column means, then the column sums of squared deviations, each a
-  // sweep over the tile's rows (the second from cache), accumulated in double.
+  // kNSC: per tile and chunk of channels (accumulators in registers), the column sums
+  // give an approximate mean a; a second sweep (from L1) sums d = x - a and d * d, so that
+  // mean = a + sum d / n and M2 = sum d^2 - (sum d)^2 / n are accurate however far a is
+  // from the exact mean.
   const NscTiles tiles(p.N * p.S, C);
   std::vector<double> part_mean(tiles.partials()), part_m2(tiles.partials());
-  tiles.parallel([&](int64_t k, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    alignas(64) A buf[kBlock], mean_a[kBlock];
-    double* __restrict mean = part_mean.data() + k * C + c0;
-    double* __restrict m2 = part_m2.data() + k * C + c0;
-    std::fill(mean, mean + nc, 0.0);
-    std::fill(m2, m2 + nc, 0.0);
-    for (int64_t r = r0; r < r0 + nr; ++r) {
-      const A* __restrict v = widen(x + r * C + c0, nc, buf);
-      for (int64_t c = 0; c < nc; ++c) mean[c] += static_cast<double>(v[c]);
+  tiles.parallel(std::array<const T*, 1>{x}, [&](int64_t k, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+    for_column_chunks<A, 4>(nc, [&](auto chunk, int64_t c, int64_t last) {
+      using Ch = decltype(chunk);
+      constexpr int64_t V = Ch::vecs, L = kLanes<A>;
+      const T* base = x + r0 * C + c0 + c;
+      vec_t<A> shift[V] = {}, sum_d[V] = {}, sum_dd[V] = {};
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = 0; j < V; ++j) shift[j] += load_chunk<Ch::partial>(base + r * C, j, last);
+      for (int64_t j = 0; j < V; ++j) shift[j] /= static_cast<A>(nr);
+      for (int64_t r = 0; r < nr; ++r) {
+        for (int64_t j = 0; j < V; ++j) {
+          const vec_t<A> d = load_chunk<Ch::partial>(base + r * C, j, last) - shift[j];
+          sum_d[j] += d;
+          sum_dd[j] += d * d;
+        }
+      }
+      double* mean = part_mean.data() + k * C + c0 + c;
+      double* m2 = part_m2.data() + k * C + c0 + c;
+      for (int64_t i = 0; i < (V - 1) * L + last; ++i) {
+        const double sd = static_cast<double>(sum_d[i / L][i % L]);
+        mean[i] = static_cast<double>(shift[i / L][i % L]) + sd / static_cast<double>(nr);
+        m2[i] = std::max(0.0, static_cast<double>(sum_dd[i / L][i % L]) - sd * sd / static_cast<double>(nr));
+      }
+    });
+  });
+  // merge_parts per channel, row block by row block over a range of channels at a time
+  // (the partials are stored by row block).
+  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+    const double n = static_cast<double>(tiles.rows);
+    for (int64_t c = c0; c < c1; ++c) out[c] = Moments<double>{n, 0.0, 0.0};
+    for (int64_t k = 0; k < tiles.row_blocks; ++k) {
+      const double cnt = static_cast<double>(tiles.block_rows(k));
+      for (int64_t c = c0; c < c1; ++c) out[c].mean += cnt * part_mean[k * C + c];
     }
-    for (int64_t c = 0; c < nc; ++c) {
-      mean[c] /= static_cast<double>(nr);
-      mean_a[c] = static_cast<A>(mean[c]);
-    }
-    for (int64_t r = r0; r < r0 + nr; ++r) {
-      const A* __restrict v = widen(x + r * C + c0, nc, buf);
-      for (int64_t c = 0; c < nc; ++c) {
-        const A d = v[c] - mean_a[c];
-        m2[c] += static_cast<double>(d * d);
+    for (int64_t c = c0; c < c1; ++c) out[c].mean /= n;
+    for (int64_t k = 0; k < tiles.row_blocks; ++k) {
+      const double cnt = static_cast<double>(tiles.block_rows(k));
+      for (int64_t c = c0; c < c1; ++c) {
+        const double d = part_mean[k * C + c] - out[c].mean;
+        out[c].m2 += part_m2[k * C + c] + cnt * d * d;
       }
     }
-  });
-  for_channels(C, tiles.row_blocks, [&](int64_t c) {
-    out[c] = merge_parts([&](auto&& f) {
-      for (int64_t k = 0; k < tiles.row_blocks; ++k) f(tiles.block_rows(k), part_mean[k * C + c], part_m2[k * C + c]);
-    });
   });
   return out;
 }
@@ -185,16 +264,19 @@ void update_running_stats(const BatchNormFwdParams& p, const std::vector<Moments
   }
 }
 
-template <int64_t kStep, typename A>
-inline void scale_shift_run(const A* __restrict v, int64_t n, const A* __restrict scale, const A* __restrict shift,
-                            A* __restrict out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = v[i] * scale[i * kStep] + shift[i * kStep];
+// y = x * scale + shift for a run, converting in registers.
+template <int64_t kStep, typename T, typename A>
+inline void scale_shift_run(const T* __restrict x, int64_t n, const A* __restrict scale, const A* __restrict shift,
+                            T* __restrict y) {
+  constexpr int64_t L = kLanes<A>;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) store_vec(y + i, load_vec(x + i) * coef<kStep>(scale, i) + coef<kStep>(shift, i));
+  for (; i < n; ++i) y[i] = from_acc<T>(to_acc<A>(x[i]) * scale[i * kStep] + shift[i * kStep]);
 }
 
 template <typename T, typename W>
 void forward(const BatchNormFwdParams& p) {
   using A = acc_t<T>;
-  constexpr bool kDirect = std::is_same_v<T, A>;  // y can be written without narrowing
   const int64_t C = p.C;
   A* mean = static_cast<A*>(p.save_mean);
   A* invstd = static_cast<A*>(p.save_invstd);
@@ -222,65 +304,51 @@ void forward(const BatchNormFwdParams& p) {
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   for_each_run(p.N, C, p.S, p.layout, [&](auto step, int64_t off, int64_t c, int64_t len) {
-    constexpr int64_t kStep = decltype(step)::value;
-    alignas(64) A in_buf[kBlock];
-    const A* v = widen(x + off, len, in_buf);
-    if constexpr (kDirect) {
-      scale_shift_run<kStep>(v, len, scale.data() + c, shift.data() + c, y + off);
-    } else {
-      alignas(64) A out_buf[kBlock];
-      scale_shift_run<kStep>(v, len, scale.data() + c, shift.data() + c, out_buf);
-      narrow(out_buf, len, y + off);
-    }
+    scale_shift_run<decltype(step)::value>(x + off, len, scale.data() + c, shift.data() + c, y + off);
   });
 }
 
-// sum dy and sum dy * (x - mean) over n values: products in A, sums in double lanes
-// (long, cancelling sums stay as accurate as torch's double accumulation).
-// kLanes<double> values of A, to be widened into one vec_t<double>.
+// The lanes of v added to the kLanes<A> / kLanes<double> double vectors at acc.
+inline void add_lanes(vec_t<double>* acc, vec_t<double> v) { acc[0] += v; }
+inline void add_lanes(vec_t<double>* acc, vec_t<float> v) {
+  using f8 = float __attribute__((vector_size(sizeof(vec_t<float>) / 2)));
+  f8 lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  acc[0] += __builtin_convertvector(lo, vec_t<double>);
+  acc[1] += __builtin_convertvector(hi, vec_t<double>);
+}
 template <typename A>
-struct DoubleLanes;
-template <>
-struct DoubleLanes<float> {
-  using type = float __attribute__((vector_size(kLanes<double> * sizeof(float))));
-};
-template <>
-struct DoubleLanes<double> {
-  using type = vec_t<double>;
-};
+constexpr int64_t kDoubleVecs = kLanes<A> / kLanes<double>;
 
-template <typename A>
-inline void grad_sums_run(const A* __restrict x, const A* __restrict dy, int64_t n, A mean, double& sum_dy,
+// sum dy and sum dy * (x - mean) over a run of one channel: products in A, sums in
+// double lanes (long, cancelling sums stay as accurate as torch's).
+template <typename T, typename A>
+inline void grad_sums_run(const T* __restrict x, const T* __restrict dy, int64_t n, A mean, double& sum_dy,
                           double& sum_dyx) {
-  using VA = typename DoubleLanes<A>::type;
-  constexpr int64_t L = kLanes<double>;
-  vec_t<double> s0 = {}, s1 = {}, sx0 = {}, sx1 = {};
-  const auto sums = [&](int64_t i, vec_t<double>& s, vec_t<double>& sx) {
-    VA g, xv;
-    std::memcpy(&g, dy + i, sizeof(g));
-    std::memcpy(&xv, x + i, sizeof(xv));
-    s += __builtin_convertvector(g, vec_t<double>);
-    sx += __builtin_convertvector(g * (xv - mean), vec_t<double>);
-  };
+  constexpr int64_t L = kLanes<A>, D = kDoubleVecs<A>;
+  vec_t<double> s[D] = {}, sx[D] = {};
   int64_t i = 0;
-  for (; i + 2 * L <= n; i += 2 * L) {
-    sums(i, s0, sx0);
-    sums(i + L, s1, sx1);
-  }
-  if (i + L <= n) {
-    sums(i, s0, sx0);
-    i += L;
+  for (; i + L <= n; i += L) {
+    const vec_t<A> g = load_vec(dy + i);
+    add_lanes(s, g);
+    add_lanes(sx, g * (load_vec(x + i) - mean));
   }
   double tail = 0, tail_x = 0;
   for (; i < n; ++i) {
-    tail += static_cast<double>(dy[i]);
-    tail_x += static_cast<double>(dy[i] * (x[i] - mean));
+    const A g = to_acc<A>(dy[i]);
+    tail += static_cast<double>(g);
+    tail_x += static_cast<double>(g * (to_acc<A>(x[i]) - mean));
   }
-  sum_dy = fold_lanes<double>(s0 + s1, tail);
-  sum_dyx = fold_lanes<double>(sx0 + sx1, tail_x);
+  for (int64_t j = 1; j < D; ++j) {
+    s[0] += s[j];
+    sx[0] += sx[j];
+  }
+  sum_dy = fold_lanes<double>(s[0], tail);
+  sum_dyx = fold_lanes<double>(sx[0], tail_x);
 }
 
-// Per channel: sum dy and sum dy * (x - mean), in double.
+// Per channel: sum dy and sum dy * (x - mean), per run / tile, added in double.
 template <typename T, typename A = acc_t<T>>
 void channel_grad_sums(const BatchNormBwdParams& p, std::vector<double>& sum_dy, std::vector<double>& sum_dyx) {
   const T* x = static_cast<const T*>(p.x);
@@ -291,9 +359,7 @@ void channel_grad_sums(const BatchNormBwdParams& p, std::vector<double>& sum_dy,
     const NcsRuns runs(p.N, C, p.S);
     std::vector<double> part(2 * runs.count());
     runs.parallel([&](int64_t c, int64_t off, int64_t len, int64_t r) {
-      alignas(64) A x_buf[kBlock], dy_buf[kBlock];
-      grad_sums_run<A>(widen(x + off, len, x_buf), widen(dy + off, len, dy_buf), len, mean[c], part[2 * r],
-                       part[2 * r + 1]);
+      grad_sums_run(x + off, dy + off, len, mean[c], part[2 * r], part[2 * r + 1]);
     });
     for_channels(C, p.N * runs.per_plane, [&](int64_t c) {
       double s = 0, sx = 0;
@@ -308,50 +374,68 @@ void channel_grad_sums(const BatchNormBwdParams& p, std::vector<double>& sum_dy,
   }
   const NscTiles tiles(p.N * p.S, C);
   std::vector<double> part_s(tiles.partials()), part_sx(tiles.partials());
-  tiles.parallel([&](int64_t k, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    alignas(64) A x_buf[kBlock], dy_buf[kBlock];
-    double* __restrict s = part_s.data() + k * C + c0;
-    double* __restrict sx = part_sx.data() + k * C + c0;
-    const A* __restrict m = mean + c0;
-    std::fill(s, s + nc, 0.0);
-    std::fill(sx, sx + nc, 0.0);
-    for (int64_t r = r0; r < r0 + nr; ++r) {
-      const A* __restrict xv = widen(x + r * C + c0, nc, x_buf);
-      const A* __restrict g = widen(dy + r * C + c0, nc, dy_buf);
-      for (int64_t c = 0; c < nc; ++c) {
-        s[c] += static_cast<double>(g[c]);
-        sx[c] += static_cast<double>(g[c] * (xv[c] - m[c]));
+  tiles.parallel(std::array<const T*, 2>{x, dy}, [&](int64_t k, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+    for_column_chunks<A, 2>(nc, [&](auto chunk, int64_t c, int64_t last) {
+      using Ch = decltype(chunk);
+      constexpr int64_t V = Ch::vecs, D = kDoubleVecs<A>, L = kLanes<A>;
+      const int64_t off = r0 * C + c0 + c;
+      vec_t<A> m[V];
+      for (int64_t j = 0; j < V; ++j) m[j] = load_chunk<Ch::partial>(mean + c0 + c, j, last);
+      vec_t<double> s[V * D] = {}, sx[V * D] = {};
+      for (int64_t r = 0; r < nr; ++r) {
+        for (int64_t j = 0; j < V; ++j) {
+          const vec_t<A> g = load_chunk<Ch::partial>(dy + off + r * C, j, last);
+          add_lanes(s + j * D, g);
+          add_lanes(sx + j * D, g * (load_chunk<Ch::partial>(x + off + r * C, j, last) - m[j]));
+        }
+      }
+      constexpr int64_t LD = kLanes<double>;
+      for (int64_t i = 0; i < (V - 1) * L + last; ++i) {
+        part_s[k * C + c0 + c + i] = s[i / LD][i % LD];
+        part_sx[k * C + c0 + c + i] = sx[i / LD][i % LD];
+      }
+    });
+  });
+  // Per channel, row block by row block (in that fixed order), over a range of channels.
+  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+    std::fill(sum_dy.begin() + c0, sum_dy.begin() + c1, 0.0);
+    std::fill(sum_dyx.begin() + c0, sum_dyx.begin() + c1, 0.0);
+    for (int64_t k = 0; k < tiles.row_blocks; ++k) {
+      for (int64_t c = c0; c < c1; ++c) {
+        sum_dy[c] += part_s[k * C + c];
+        sum_dyx[c] += part_sx[k * C + c];
       }
     }
-  });
-  for_channels(C, tiles.row_blocks, [&](int64_t c) {
-    double s = 0, sx = 0;
-    for (int64_t k = 0; k < tiles.row_blocks; ++k) {
-      s += part_s[k * C + c];
-      sx += part_sx[k * C + c];
-    }
-    sum_dy[c] = s;
-    sum_dyx[c] = sx;
   });
 }
 
 // dx of a run; per-channel coefficients as in batch_norm_dx (norm_math.h).
-template <int64_t kStep, typename A>
-inline void dx_run(const A* __restrict x, const A* __restrict dy, int64_t n, const A* __restrict mean,
-                   const A* __restrict a, const A* __restrict k, const A* __restrict mean_dy, A* __restrict out) {
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = batch_norm_dx(dy[i], x[i], mean[i * kStep], a[i * kStep], k[i * kStep], mean_dy[i * kStep]);
+template <int64_t kStep, typename T, typename A>
+inline void dx_run(const T* __restrict x, const T* __restrict dy, int64_t n, const A* __restrict mean,
+                   const A* __restrict a, const A* __restrict k, const A* __restrict mean_dy, T* __restrict out) {
+  constexpr int64_t L = kLanes<A>;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    store_vec(out + i, batch_norm_dx(load_vec(dy + i), load_vec(x + i), coef<kStep>(mean, i), coef<kStep>(a, i),
+                                     coef<kStep>(k, i), coef<kStep>(mean_dy, i)));
+  }
+  for (; i < n; ++i) {
+    out[i] = from_acc<T>(batch_norm_dx(to_acc<A>(dy[i]), to_acc<A>(x[i]), mean[i * kStep], a[i * kStep],
+                                       k[i * kStep], mean_dy[i * kStep]));
+  }
 }
 
-template <int64_t kStep, typename A>
-inline void dx_eval_run(const A* __restrict dy, int64_t n, const A* __restrict a, A* __restrict out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = dy[i] * a[i * kStep];
+template <int64_t kStep, typename T, typename A>
+inline void dx_eval_run(const T* __restrict dy, int64_t n, const A* __restrict a, T* __restrict out) {
+  constexpr int64_t L = kLanes<A>;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) store_vec(out + i, load_vec(dy + i) * coef<kStep>(a, i));
+  for (; i < n; ++i) out[i] = from_acc<T>(to_acc<A>(dy[i]) * a[i * kStep]);
 }
 
 template <typename T, typename W>
 void backward(const BatchNormBwdParams& p) {
   using A = acc_t<T>;
-  constexpr bool kDirect = std::is_same_v<T, A>;
   const int64_t C = p.C;
   const A* mean = static_cast<const A*>(p.mean);
   const A* invstd = static_cast<const A*>(p.invstd);
@@ -375,21 +459,11 @@ void backward(const BatchNormBwdParams& p) {
   T* dx = static_cast<T*>(p.dx);
   for_each_run(p.N, C, p.S, p.layout, [&](auto step, int64_t off, int64_t c, int64_t len) {
     constexpr int64_t kStep = decltype(step)::value;
-    alignas(64) A x_buf[kBlock], dy_buf[kBlock], out_buf[kDirect ? 1 : kBlock];
-    A* out = nullptr;
-    if constexpr (kDirect) {
-      out = dx + off;
-    } else {
-      out = out_buf;
-    }
-    const A* g = widen(dy + off, len, dy_buf);
     if (p.training) {
-      dx_run<kStep>(widen(x + off, len, x_buf), g, len, mean + c, a.data() + c, k.data() + c, mean_dy.data() + c,
-                    out);
+      dx_run<kStep>(x + off, dy + off, len, mean + c, a.data() + c, k.data() + c, mean_dy.data() + c, dx + off);
     } else {
-      dx_eval_run<kStep>(g, len, a.data() + c, out);
+      dx_eval_run<kStep>(dy + off, len, a.data() + c, dx + off);
     }
-    if constexpr (!kDirect) narrow(out, len, dx + off);
   });
 }
 

@@ -1,63 +1,15 @@
-// Block conversions between storage types and the accumulation type, compiled once per
-// instruction set (included inside the per-ISA namespace by variant.h). Arithmetic
-// loops work on contiguous float/double blocks that the compiler vectorizes; only the
-// conversions below know about half and bfloat16.
+// Storage and accumulation types, scalar conversions and the explicit vector type the CPU
+// kernels compute in, compiled once per instruction set (included inside the per-ISA
+// namespace by variant.h). Vector conversions of half and bfloat16 are in vec_io.h.
 #pragma once
 
 using Half = c10::Half;
 using BFloat16 = c10::BFloat16;
 
-// Elements per block: a block of floats and its outputs stay in L1.
+// Elements per block: a block of a row / plane stays in L1 between the sweeps over it.
 constexpr int64_t kBlock = 2048;
 
-// Widen n elements to the accumulation type. Returns src itself when no conversion is
-// needed, else buf (which must hold n elements).
-inline const float* widen(const float* src, int64_t n, float*) { return src; }
-inline const double* widen(const double* src, int64_t n, double*) { return src; }
-
-inline const float* widen(const BFloat16* src, int64_t n, float* buf) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* d = reinterpret_cast<uint32_t*>(buf);
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
-  return buf;
-}
-
-inline const float* widen(const Half* src, int64_t n, float* buf) {
-  int64_t i = 0;
-#if defined(__F16C__) && defined(__AVX__)
-  const __m128i* s = reinterpret_cast<const __m128i*>(src);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(s + i / 8)));
-#endif
-  for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-  return buf;
-}
-
-// Narrow n accumulation-type values into dst, rounding to nearest even.
-inline void narrow(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
-inline void narrow(const double* src, int64_t n, double* dst) { std::memcpy(dst, src, n * sizeof(double)); }
-
-inline void narrow(const float* src, int64_t n, BFloat16* dst) {
-  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
-  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t b = s[i];
-    const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-    const bool nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
-    d[i] = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
-  }
-}
-
-inline void narrow(const float* src, int64_t n, Half* dst) {
-  int64_t i = 0;
-#if defined(__F16C__) && defined(__AVX__)
-  __m128i* d = reinterpret_cast<__m128i*>(dst);
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(d + i / 8, _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<Half>(src[i]);
-}
-
-// Scalar conversions, for parameters.
+// Scalar conversions, for parameters and vector tails.
 template <typename A, typename T>
 inline A to_acc(T v) { return static_cast<A>(static_cast<float>(v)); }
 template <>
