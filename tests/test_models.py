@@ -219,7 +219,9 @@ def test_autocast(name, device, amp_dtype):
             results[-1][0].loss.backward()
         (out_a, norms_a), (out_b, norms_b) = results
         assert norms_b == norms_a
-        assert {n[2] for n in norms_a} >= ({amp_dtype} if name.startswith("resnet") else {torch.float32})
+        # Every BatchNorm follows a conv and runs in the low precision; every LayerNorm of
+        # BERT gets float32 (embeddings sum, residual adds promote) or, on CUDA, casts to it.
+        assert {n[2] for n in norms_a} == ({amp_dtype} if name.startswith("resnet") else {torch.float32})
         tol = dict(rtol=2e-2, atol=2e-2)  # relative to the largest value
         scale = out_a.logits.detach().abs().max()
         _assert_same(out_a.logits / scale, out_b.logits / scale, "logits", **tol)
