@@ -323,6 +323,28 @@ def test_converted_model_compiles_fullgraph():
             torch.testing.assert_close(b, a)
 
 
+def test_model_compiled_before_conversion_recompiles():
+    """torch.compile guards on each module's type, so a model compiled before the
+    conversion is traced again on its next call, now with fused_norm's ops."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.BatchNorm1d(8))
+    reference = copy.deepcopy(model)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(3, 4)
+    compiled(x)
+    reference(x)
+    convert_model(model)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(compiled(x), reference(x))
+    assert len(graphs) == 2 and "fused_norm" not in graphs[0]
+    assert "fused_norm.layer_norm_fwd" in graphs[1] and "fused_norm.batch_norm_fwd" in graphs[1]
+
+
 def test_rejects_non_modules():
     with pytest.raises(TypeError, match="expects a torch.nn.Module"):
         convert_model([nn.LayerNorm(3)])

@@ -41,7 +41,8 @@ def _bert():
     torch.manual_seed(0)
     config = transformers.BertConfig(
         vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32, num_labels=3)
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32, num_labels=3,
+        problem_type="single_label_classification")  # else set by the first call: a recompile
     model = _perturb_norms(transformers.BertForSequenceClassification(config), 1)
 
     def inputs(seed, device="cpu"):
@@ -59,7 +60,7 @@ def _bert():
 def _resnet(channels_last=False):
     torch.manual_seed(0)
     config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                       layer_type="basic", num_labels=3)
+                                       layer_type="basic", num_labels=3, problem_type="single_label_classification")
     model = _perturb_norms(transformers.ResNetForImageClassification(config), 2)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
