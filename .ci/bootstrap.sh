@@ -1,5 +1,6 @@
 # Sourced by tests/run.sh, benchmarks/run.sh and .ci/run: finds or makes a Python with
-# torch, ninja and pytest, builds fused_norm in place against that torch, and sets $PY.
+# torch, ninja, pytest and transformers, builds fused_norm in place against that torch,
+# and sets $PY.
 #
 #   FUSED_NORM_VENV=DIR     use (create if needed) this virtual environment
 #   FUSED_NORM_TORCH=SPEC   torch requirement to install there, e.g. "torch==2.13.0"
@@ -19,8 +20,10 @@ else
     "$PY" -m pip install -q "${FUSED_NORM_TORCH:-torch}"
   fi
 fi
-# ninja makes the build parallel, pytest runs the suite; skip quietly where offline.
+# ninja makes the build parallel, pytest runs the suite, transformers is the test
+# dependency of tests/test_models.py (skipped without it); skip quietly where offline.
 "$PY" -c "import ninja, pytest" 2>/dev/null || "$PY" -m pip install -q ninja pytest numpy || true
+"$PY" -c "import transformers" 2>/dev/null || "$PY" -m pip install -q transformers || true
 "$PY" -c "import pytest" >/dev/null
 
 echo "fused_norm: building against $("$PY" -c 'import torch; print("torch", torch.__version__)') ($PY)" >&2

@@ -4,11 +4,13 @@ The ops live in the ``torch.ops.fused_norm`` namespace (CPU and, when built with
 CUDA kernels), with fake kernels and autograd so that ``torch.compile`` traces them.
 ``layer_norm`` mirrors ``torch.nn.functional.layer_norm``; ``FusedLayerNorm`` is a
 ``torch.nn.LayerNorm`` subclass. ``batch_norm`` mirrors ``torch.nn.functional.batch_norm``;
-``FusedBatchNorm1d/2d/3d`` subclass ``torch.nn.BatchNorm1d/2d/3d``.
+``FusedBatchNorm1d/2d/3d`` subclass ``torch.nn.BatchNorm1d/2d/3d``. ``convert_model``
+switches the torch norm layers of an existing model to these modules, in place.
 """
 
 from . import _ops  # noqa: F401  (registers the ops, fake kernels and autograd)
 from ._ops import cpu_capability, set_cpu_capability
+from .convert import convert_model
 from .functional import batch_norm, layer_norm
 from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedLayerNorm
 
@@ -19,6 +21,7 @@ __all__ = [
     "FusedBatchNorm1d",
     "FusedBatchNorm2d",
     "FusedBatchNorm3d",
+    "convert_model",
     "cpu_capability",
     "set_cpu_capability",
 ]

@@ -127,8 +127,12 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "fused_norm::layer_norm_bwd", _layer_norm_double_backward, setup_context=_layer_norm_bwd_setup_context
 )
-# Under CUDA autocast, torch runs layer_norm in float32 (its "fp32" cast policy); on
-# CPU autocast leaves layer_norm alone, which is what an op without a rule does.
+# Autocast, as torch: under CUDA autocast layer_norm runs in float32 (torch's "fp32" cast
+# policy: float16/bfloat16 tensors are cast, float64 is not, the output is float32). CPU
+# autocast has no rule for layer_norm, and neither device one for batch_norm: the op gets
+# its inputs as they are (fp16/bf16 input with fp32 parameters and buffers is a supported
+# mix) and returns the input's dtype, which is what an op without a rule does.
+# tests/test_autocast_export.py checks every device and dtype against torch.
 torch.library.register_autocast("fused_norm::layer_norm_fwd", "cuda", torch.float32)
 
 

@@ -1,0 +1,234 @@
+"""Real model code, unchanged: Hugging Face BERT (LayerNorm after the residual add) and
+ResNet (BatchNorm2d, NCHW and channels_last), built from tiny configs with random weights
+(nothing is downloaded), converted with fused_norm.convert_model and compared with the
+unconverted model: training steps, eval, torch.compile and CPU autocast."""
+
+import contextlib
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+transformers = pytest.importorskip("transformers")
+
+import fused_norm  # noqa: E402
+from conftest import CUDA_OK  # noqa: E402
+
+NORMS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
+FUSED = (fused_norm.FusedLayerNorm, fused_norm.FusedBatchNorm1d, fused_norm.FusedBatchNorm2d,
+         fused_norm.FusedBatchNorm3d)
+
+
+def _perturb_norms(model, seed):
+    """HF initializes norms to weight 1, bias 0 (and running stats 0/1): move them away so
+    that the affine parameters and the running statistics matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, NORMS):
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    t = getattr(m, name, None)
+                    if t is not None:
+                        t.add_(torch.rand(t.shape, generator=g) * 0.2)
+    return model
+
+
+def _bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32, num_labels=3,
+        problem_type="single_label_classification")  # else set by the first call: a recompile
+    model = _perturb_norms(transformers.BertForSequenceClassification(config), 1)
+
+    def inputs(seed, device="cpu"):
+        g = torch.Generator().manual_seed(seed)
+        mask = torch.ones(3, 12, dtype=torch.long)
+        mask[1, 8:] = 0  # padding
+        return dict(input_ids=torch.randint(0, 100, (3, 12), generator=g).to(device),
+                    token_type_ids=(torch.arange(12) >= 6).long().expand(3, 12).to(device),
+                    attention_mask=mask.to(device),
+                    labels=torch.randint(0, 3, (3,), generator=g).to(device))
+
+    return model, inputs
+
+
+def _resnet(channels_last=False):
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       layer_type="basic", num_labels=3, problem_type="single_label_classification")
+    model = _perturb_norms(transformers.ResNetForImageClassification(config), 2)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+
+    def inputs(seed, device="cpu"):
+        g = torch.Generator().manual_seed(seed)
+        return dict(pixel_values=torch.randn(4, 3, 32, 32, generator=g).to(device).contiguous(memory_format=fmt),
+                    labels=torch.randint(0, 3, (4,), generator=g).to(device))
+
+    return model, inputs
+
+
+MODELS = {"bert": _bert, "resnet": _resnet, "resnet_channels_last": lambda: _resnet(channels_last=True)}
+
+
+def _convert_copy(model):
+    converted = fused_norm.convert_model(copy.deepcopy(model))
+    kinds = [type(m).__name__ for m in model.modules() if isinstance(m, NORMS)]
+    assert kinds and [type(m).__name__ for m in converted.modules() if isinstance(m, FUSED)] == \
+        ["Fused" + k for k in kinds]
+    return converted
+
+
+@contextlib.contextmanager
+def _record_norms(model):
+    """Records, for each norm call, the input dtype and the output's dtype, shape and strides."""
+    seen = []
+    hooks = [m.register_forward_hook(
+        lambda mod, args, out, name=name: seen.append((name, args[0].dtype, out.dtype, out.shape, out.stride())))
+        for name, m in model.named_modules() if isinstance(m, NORMS)]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _step(model, inputs, backward=True):
+    with _record_norms(model) as norms:
+        out = model(**inputs)
+    if backward:
+        out.loss.backward()
+    return out, norms
+
+
+def _grads(model):
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def _assert_same(original, converted, what, **tol):
+    assert converted.dtype == original.dtype and converted.shape == original.shape, what
+    torch.testing.assert_close(converted, original, msg=lambda m: f"{what}: {m}", **tol)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_training_and_eval_match_unconverted(name):
+    """3 SGD steps in training mode (logits, loss, every parameter gradient, then the
+    parameters and running statistics), then eval (outputs and gradients)."""
+    model, make_inputs = MODELS[name]()
+    converted = _convert_copy(model)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, converted)]
+    for training, steps in ((True, 3), (False, 1)):
+        for step in range(steps):
+            inputs = make_inputs(10 * step + training)
+            results = []
+            for m, opt in zip((model, converted), optimizers):
+                m.train(training)
+                opt.zero_grad()
+                results.append(_step(m, inputs))
+            (out_a, norms_a), (out_b, norms_b) = results
+            assert norms_b == norms_a  # same dtypes, shapes and memory formats, call by call
+            _assert_same(out_a.logits, out_b.logits, "logits")
+            _assert_same(out_a.loss, out_b.loss, "loss")
+            ga, gb = _grads(model), _grads(converted)
+            assert all(g is not None for g in ga.values())
+            for k in ga:
+                _assert_same(ga[k], gb[k], f"grad {k}")
+            if training:
+                for opt in optimizers:
+                    opt.step()
+        for (k, a), b in zip(model.named_parameters(), converted.parameters()):
+            _assert_same(a, b, k)
+        for (k, a), b in zip(model.named_buffers(), converted.buffers()):
+            _assert_same(a, b, k)
+    if name.startswith("resnet"):
+        bns = [m for m in converted.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert bns and all(m.num_batches_tracked.item() == 3 for m in bns)
+        if name.endswith("channels_last"):
+            x = make_inputs(0)["pixel_values"]
+            assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            assert all(n[4] == torch.empty(n[3]).contiguous(memory_format=torch.channels_last).stride()
+                       for n in norms_b)
+
+
+def _graph_breaks(model, inputs):
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(**inputs)
+    code = "\n".join(g.code for g in explained.graphs)
+    return explained.graph_break_count, code
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compile(name, training):
+    """torch.compile: the converted model has no more graph breaks than the original (its
+    graphs call fused_norm's ops, not aten's norms), and the compiled converted model
+    (aot_eager backend: our fake kernels and autograd, torch's other kernels) gives the
+    outputs and gradients of the eager unconverted model, with the same running statistics."""
+    model, make_inputs = MODELS[name]()
+    model.train(training)
+    converted = _convert_copy(model)
+    breaks, code = _graph_breaks(copy.deepcopy(model), make_inputs(0))
+    breaks_fused, code_fused = _graph_breaks(copy.deepcopy(converted), make_inputs(0))
+    assert breaks_fused <= breaks
+    norm_op = "layer_norm" if name == "bert" else "batch_norm"
+    assert f"torch.ops.fused_norm.{norm_op}_fwd" in code_fused
+    assert f"torch.ops.fused_norm.{norm_op}_fwd" not in code and norm_op in code
+    torch._dynamo.reset()
+    compiled = torch.compile(converted, backend="aot_eager")
+    for step in range(2):
+        inputs = make_inputs(step + 1)
+        model.zero_grad()
+        converted.zero_grad()
+        expected, got = model(**inputs), compiled(**inputs)
+        expected.loss.backward()
+        got.loss.backward()
+        _assert_same(expected.logits, got.logits, "logits")
+        ga, gb = _grads(model), _grads(converted)
+        for k in ga:
+            _assert_same(ga[k], gb[k], f"grad {k}")
+    for (k, a), b in zip(model.named_buffers(), converted.buffers()):
+        _assert_same(a, b, k)
+
+
+_NO_CUDA = pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels")
+AUTOCAST = [pytest.param("cpu", torch.bfloat16, id="cpu-bf16"), pytest.param("cpu", torch.float16, id="cpu-fp16"),
+            pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=_NO_CUDA),
+            pytest.param("cuda", torch.float16, id="cuda-fp16", marks=_NO_CUDA)]
+
+
+@pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
+@pytest.mark.parametrize("name", ["bert", "resnet_channels_last"])
+def test_autocast(name, device, amp_dtype):
+    """Under torch.autocast each norm sees and returns the dtypes torch's norm does, and
+    outputs and gradients match the unconverted model within low-precision tolerance."""
+    model, make_inputs = MODELS[name]()
+    model.to(device)
+    converted = _convert_copy(model)
+    for training in (True, False):
+        inputs = make_inputs(5, device)
+        results = []
+        for m in (model, converted):
+            m.train(training)
+            m.zero_grad()
+            with torch.autocast(device, dtype=amp_dtype):
+                results.append(_step(m, inputs, backward=False))
+            results[-1][0].loss.backward()
+        (out_a, norms_a), (out_b, norms_b) = results
+        assert norms_b == norms_a
+        # Every BatchNorm follows a conv and runs in the low precision; every LayerNorm of
+        # BERT gets float32 (embeddings sum, residual adds promote) or, on CUDA, casts to it.
+        assert {n[2] for n in norms_a} == ({amp_dtype} if name.startswith("resnet") else {torch.float32})
+        tol = dict(rtol=2e-2, atol=2e-2)  # relative to the largest value
+        scale = out_a.logits.detach().abs().max()
+        _assert_same(out_a.logits / scale, out_b.logits / scale, "logits", **tol)
+        ga, gb = _grads(model), _grads(converted)
+        for k in ga:
+            scale = ga[k].abs().max().clamp_min(1e-3)
+            _assert_same(ga[k] / scale, gb[k] / scale, f"grad {k}", **tol)
+        for (k, a), b in zip(model.named_buffers(), converted.buffers()):
+            _assert_same(a, b, k, **tol)
