@@ -4,13 +4,15 @@ The ops live in the ``torch.ops.fused_norm`` namespace (CPU and, when built with
 CUDA kernels), with fake kernels and autograd so that ``torch.compile`` traces them.
 ``layer_norm`` mirrors ``torch.nn.functional.layer_norm``; ``FusedLayerNorm`` is a
 ``torch.nn.LayerNorm`` subclass. ``batch_norm`` mirrors ``torch.nn.functional.batch_norm``;
-``FusedBatchNorm1d/2d/3d`` subclass ``torch.nn.BatchNorm1d/2d/3d``.
+``FusedBatchNorm1d/2d/3d`` subclass ``torch.nn.BatchNorm1d/2d/3d``, and
+``FusedSyncBatchNorm`` ``torch.nn.SyncBatchNorm`` (statistics synchronized through
+torch.distributed, on CPU/gloo as well as CUDA/NCCL).
 """
 
 from . import _ops  # noqa: F401  (registers the ops, fake kernels and autograd)
 from ._ops import cpu_capability, set_cpu_capability
 from .functional import batch_norm, layer_norm
-from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedLayerNorm
+from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedLayerNorm, FusedSyncBatchNorm
 
 __all__ = [
     "layer_norm",
@@ -19,6 +21,7 @@ __all__ = [
     "FusedBatchNorm1d",
     "FusedBatchNorm2d",
     "FusedBatchNorm3d",
+    "FusedSyncBatchNorm",
     "cpu_capability",
     "set_cpu_capability",
 ]
