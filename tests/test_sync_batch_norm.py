@@ -207,14 +207,14 @@ def test_gradcheck(device):
     """The ops' autograd formulas (differentiated torch-op forms of the kernels), first and
     second order, in float64."""
     for shape, fmt in (((5, 3), None), ((3, 2, 5), None), ((2, 3, 2, 3), CL)):
-        x, dy, w, mean, invstd, sum_dy, sum_dy_xmu, count = _op_args(shape, fmt, torch.float64, torch.float64, device)
-        args = [t.requires_grad_() for t in (x, dy, w, mean, invstd, sum_dy, sum_dy_xmu)]
-        x, dy, w, mean, invstd, sum_dy, sum_dy_xmu = args
+        *args, count = _op_args(shape, fmt, torch.float64, torch.float64, device)
+        x, dy, w, mean, invstd, sum_dy, sum_dy_xmu = (t.requires_grad_() for t in args)
+        sums = (sum_dy, sum_dy_xmu)
         for fn, inputs in ((ops.batch_norm_stats, (x,)),
                            (ops.batch_norm_bwd_reduce, (dy, x, mean)),
-                           (lambda *a: ops.batch_norm_bwd_elemt(*a, count), (dy, x, w, mean, invstd, sum_dy, sum_dy_xmu)),
+                           (lambda *a: ops.batch_norm_bwd_elemt(*a, count), (dy, x, w, mean, invstd) + sums),
                            (lambda *a: ops.batch_norm_bwd_elemt(dy, a[0], None, *a[1:], count),
-                            (x, mean, invstd, sum_dy, sum_dy_xmu))):
+                            (x, mean, invstd) + sums)):
             assert torch.autograd.gradcheck(fn, inputs)
             assert torch.autograd.gradgradcheck(fn, inputs)
 
