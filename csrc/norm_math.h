@@ -69,12 +69,17 @@ FN_HD Moments<T> moments_merge(const Moments<T>& a, const Moments<T>& b) {
   return r;
 }
 
-// 1/sqrt(var + eps) with var the biased variance M2/count (clamped at 0).
+// The biased variance M2/count (clamped at 0; 0 for an empty set).
+template <typename T>
+FN_HD T moments_var(const Moments<T>& m) {
+  const T var = m.count > T(0) ? m.m2 / m.count : T(0);
+  return var < T(0) ? T(0) : var;
+}
+
+// 1/sqrt(var + eps) with var = moments_var(m).
 template <typename T>
 FN_HD T moments_rstd(const Moments<T>& m, double eps) {
-  T var = m.count > T(0) ? m.m2 / m.count : T(0);
-  var = var < T(0) ? T(0) : var;
-  return fn_rsqrt(var + static_cast<T>(eps));
+  return fn_rsqrt(moments_var(m) + static_cast<T>(eps));
 }
 
 // LayerNorm input gradient for one element of a row of n columns.

@@ -79,6 +79,10 @@ enum class BatchNormLayout : int {
 //              (both converted to the stat dtype); running_mean/var are non-null.
 //   both:      y = x * scale + shift with scale = save_invstd * weight and
 //              shift = bias - save_mean * scale per channel (weight 1 / bias 0 if null).
+// Statistics alone (batch_norm_stats, the local half of a synchronized BatchNorm): reads
+// x, N, C, S, layout, x_dtype and the workspace (the forward's size); writes save_mean =
+// mean and save_var = M2 / n (the biased variance, as Moments' merges compute it) and
+// nothing else.
 // The binding never calls with n == 0 or C == 0.
 struct BatchNormFwdParams {
   const void* x = nullptr;
@@ -94,6 +98,7 @@ struct BatchNormFwdParams {
   void* save_invstd = nullptr;       // C, stat dtype; always written
   void* new_running_mean = nullptr;  // C, w_dtype; non-null iff training && running_mean
   void* new_running_var = nullptr;   // C, w_dtype; non-null iff training && running_mean
+  void* save_var = nullptr;          // C, stat dtype; batch_norm_stats only (see below)
   void* workspace = nullptr;  // scratch of the backend's workspace query size (null if 0)
   int64_t N = 0;
   int64_t C = 0;
@@ -115,6 +120,13 @@ struct BatchNormFwdParams {
 //   eval:     dx = dy * invstd * weight   (the statistics do not depend on x)
 // The per-channel sums are needed only for dweight/dbias, and for dx when training.
 // Reductions run in the stat dtype in a fixed order (bitwise reproducible).
+//
+// The same two phases apart, for a synchronized BatchNorm whose sums are added across
+// processes in between:
+//   batch_norm_bwd_reduce: writes sum_dy and sum_dy_xmu (stat dtype, C each) and nothing
+//                          else (weight, dx, dweight, dbias, invstd unused);
+//   batch_norm_bwd_elemt:  the training dx above from the given sum_dy / sum_dy_xmu, with
+//                          n = *count instead of N * S (dweight, dbias unused).
 struct BatchNormBwdParams {
   const void* dy = nullptr;      // x's dtype and layout
   const void* x = nullptr;
@@ -124,6 +136,11 @@ struct BatchNormBwdParams {
   void* dx = nullptr;            // x's dtype and layout; never null
   void* dweight = nullptr;       // C, w_dtype; null: not computed
   void* dbias = nullptr;         // C, w_dtype; null: not computed
+  void* sum_dy = nullptr;        // C, stat dtype: output of bwd_reduce, input of bwd_elemt
+  void* sum_dy_xmu = nullptr;
+  // One int64 in the tensors' memory (device memory for CUDA): the values per channel over
+  // which the sums were taken (all processes). Read by batch_norm_bwd_elemt only.
+  const int64_t* count = nullptr;
   void* workspace = nullptr;     // scratch of the backend's workspace query size (null if 0)
   int64_t N = 0;
   int64_t C = 0;

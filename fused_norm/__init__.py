@@ -4,15 +4,17 @@ The ops live in the ``torch.ops.fused_norm`` namespace (CPU and, when built with
 CUDA kernels), with fake kernels and autograd so that ``torch.compile`` traces them.
 ``layer_norm`` mirrors ``torch.nn.functional.layer_norm``; ``FusedLayerNorm`` is a
 ``torch.nn.LayerNorm`` subclass. ``batch_norm`` mirrors ``torch.nn.functional.batch_norm``;
-``FusedBatchNorm1d/2d/3d`` subclass ``torch.nn.BatchNorm1d/2d/3d``. ``convert_model``
-switches the torch norm layers of an existing model to these modules, in place.
+``FusedBatchNorm1d/2d/3d`` subclass ``torch.nn.BatchNorm1d/2d/3d``, and
+``FusedSyncBatchNorm`` ``torch.nn.SyncBatchNorm`` (statistics synchronized through
+torch.distributed, on CPU/gloo as well as CUDA/NCCL). ``convert_model`` switches the
+torch norm layers of an existing model to the fused modules, in place.
 """
 
 from . import _ops  # noqa: F401  (registers the ops, fake kernels and autograd)
 from ._ops import cpu_capability, set_cpu_capability
 from .convert import convert_model
 from .functional import batch_norm, layer_norm
-from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedLayerNorm
+from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedLayerNorm, FusedSyncBatchNorm
 
 __all__ = [
     "layer_norm",
@@ -21,6 +23,7 @@ __all__ = [
     "FusedBatchNorm1d",
     "FusedBatchNorm2d",
     "FusedBatchNorm3d",
+    "FusedSyncBatchNorm",
     "convert_model",
     "cpu_capability",
     "set_cpu_capability",

@@ -250,3 +250,97 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "fused_norm::batch_norm_bwd", _batch_norm_double_backward, setup_context=_batch_norm_bwd_setup_context
 )
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm phases for a synchronized BatchNorm (FusedSyncBatchNorm): the statistics,
+# and the backward's per-channel sums and dx, as separate ops so that collectives can
+# combine the ranks' partial results in between.
+# ---------------------------------------------------------------------------------------
+
+
+def _channel_dims(x):
+    return [0] + list(range(2, x.dim()))
+
+
+def _per_channel(t, x):
+    """A (C,) tensor viewed to broadcast along dim 1 of x."""
+    return t.view([1, -1] + [1] * (x.dim() - 2))
+
+
+@torch.library.register_fake("fused_norm::batch_norm_stats")
+def _batch_norm_stats_fake(input):
+    C = input.shape[1]
+    return input.new_empty((C,), dtype=_acc_dtype(input.dtype)), input.new_empty((C,), dtype=_acc_dtype(input.dtype))
+
+
+@torch.library.register_fake("fused_norm::batch_norm_bwd_reduce")
+def _batch_norm_bwd_reduce_fake(grad_out, input, mean):
+    C = input.shape[1]
+    return input.new_empty((C,), dtype=_acc_dtype(input.dtype)), input.new_empty((C,), dtype=_acc_dtype(input.dtype))
+
+
+@torch.library.register_fake("fused_norm::batch_norm_bwd_elemt")
+def _batch_norm_bwd_elemt_fake(grad_out, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=_batch_norm_format(input))
+
+
+# The same three in torch ops (in the stat dtype): their autograd differentiates these.
+def _batch_norm_stats_math(input):
+    var, mean = torch.var_mean(input.to(_acc_dtype(input.dtype)), _channel_dims(input), correction=0)
+    return mean, var
+
+
+def _batch_norm_bwd_reduce_math(grad_out, input, mean):
+    acc = _acc_dtype(input.dtype)
+    dy = grad_out.to(acc)
+    xmu = input.to(acc) - _per_channel(mean, input)
+    return dy.sum(_channel_dims(input)), (dy * xmu).sum(_channel_dims(input))
+
+
+def _batch_norm_bwd_elemt_math(grad_out, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
+    acc = _acc_dtype(input.dtype)
+    n = count.to(acc)
+    r = _per_channel(invstd, input)
+    a = r * _per_channel(weight.to(acc), input) if weight is not None else r
+    xmu = input.to(acc) - _per_channel(mean, input)
+    dx = (grad_out.to(acc) - _per_channel(sum_dy, input) / n - xmu * r * r * _per_channel(sum_dy_xmu, input) / n) * a
+    return (dx.to(input.dtype),)
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_of(math):
+    """Autograd formula of an op whose arguments are all tensors (or None): the
+    vector-Jacobian product of `math` (the op in torch ops) at the saved inputs.
+    Differentiable again (create_graph), so higher orders work too."""
+
+    def backward(ctx, *grads):
+        inputs = ctx.saved_tensors
+        wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+        result = [None] * len(inputs)
+        create_graph = torch.is_grad_enabled()  # backward of a backward: keep the graph
+        with torch.enable_grad():
+            # The saved inputs themselves (not detached copies), so that with create_graph
+            # the gradients stay connected to them.
+            leaves = [t.detach().requires_grad_() if i in wanted and not t.requires_grad else t
+                      for i, t in enumerate(inputs)]
+            pairs = [(out, g) for out, g in zip(math(*leaves), grads) if g is not None]
+            if not wanted or not pairs:
+                return tuple(result)
+            got = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs],
+                                      allow_unused=True, create_graph=create_graph)
+        for i, g in zip(wanted, got):
+            result[i] = g
+        return tuple(result)
+
+    return backward
+
+
+for _name, _math in (("batch_norm_stats", _batch_norm_stats_math),
+                     ("batch_norm_bwd_reduce", _batch_norm_bwd_reduce_math),
+                     ("batch_norm_bwd_elemt", _batch_norm_bwd_elemt_math)):
+    torch.library.register_autograd(f"fused_norm::{_name}", _backward_of(_math), setup_context=_save_inputs)
+del _name, _math

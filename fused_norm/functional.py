@@ -3,9 +3,11 @@
 from typing import List, Optional, Union
 
 import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from ._ops import ops
+from ._ops import _acc_dtype, ops
 
 
 def layer_norm(
@@ -68,3 +70,94 @@ def batch_norm(
             weight=weight, bias=bias, training=training, momentum=momentum, eps=eps,
         )
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None)
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """Training batch_norm over the union of the batches of the ranks of `process_group`
+    (FusedSyncBatchNorm's synchronized path; every rank must call it, in the same order).
+
+    Forward: each rank's per-channel mean and biased variance (batch_norm_stats, exact
+    moments) and its count are all-gathered as float64 and merged with Chan's formula
+    (global mean = sum n_i mean_i / n; M2 = sum n_i (var_i + (mean_i - mean)^2)), which
+    is exact for any mix of batch sizes: a rank with an empty batch sends count 0 and
+    zeros and adds nothing. (An all_reduce of sum(x) and sum(x^2) would cost the same
+    traffic but lose the variance to cancellation when |mean| >> std.) Every rank merges
+    the same gathered values in the same order, so all get bitwise the same statistics,
+    and the same running-statistic updates. Then batch_norm_fwd in eval mode, with the
+    global mean and variance as its "running" statistics, normalizes.
+    Backward: batch_norm_bwd_reduce's local sum(dy) and sum(dy * (x - mean)), one
+    all_reduce of both (concatenated), then batch_norm_bwd_elemt with the global count.
+    dweight/dbias are left per-rank (from the local sums), for DDP to all-reduce, as in
+    torch.nn.SyncBatchNorm.
+
+    The global count stays on the device; it is read on the host (which waits for the
+    collective) only on a rank holding at most one value per channel, the only case in
+    which the global count can be 0 or 1."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                process_group):
+        C = input.shape[1]
+        n_local = input.numel() // C
+        if n_local > 0:
+            mean, var = ops.batch_norm_stats(input)
+            local = torch.cat([mean.double(), var.double(), mean.new_full((1,), n_local, dtype=torch.float64)])
+        else:
+            local = input.new_zeros(2 * C + 1, dtype=torch.float64)
+        world_size = dist.get_world_size(process_group)
+        gathered = local.new_empty(world_size * (2 * C + 1))
+        dist.all_gather_single(gathered, local, group=process_group)
+        mean_all, var_all, count_all = gathered.view(world_size, 2 * C + 1).split([C, C, 1], dim=1)
+        count = count_all.sum()
+        update = running_mean is not None
+        if n_local <= 1:
+            total = int(count.item())
+            if total == 1:
+                raise ValueError("Expected more than 1 value per channel when training, got input size "
+                                 f"{input.size()} on this rank and 1 value per channel over the process group")
+            update = update and total > 0  # all batches empty: the running statistics stay
+        mean = (count_all * mean_all).sum(0) / count
+        var = (count_all * (var_all + (mean_all - mean).square())).sum(0) / count
+
+        if update:
+            f = num_batches_tracked.double().reciprocal() if momentum is None else momentum
+            running_mean.copy_(running_mean.double() * (1 - f) + mean * f)
+            running_var.copy_(running_var.double() * (1 - f) + var * (count / (count - 1)) * f)
+
+        # fp16/bf16 parameters normalize through exact float32 copies, so that the global
+        # statistics can be passed in float32; other dtype mixes go to the op's checks.
+        params = [t for t in (weight, bias, running_mean, running_var) if t is not None]
+        stat_type = params[0].dtype if params else input.dtype
+        ctx.param_dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
+        if stat_type == input.dtype != _acc_dtype(input.dtype) and all(t.dtype == stat_type for t in params):
+            stat_type = torch.float32
+            weight = weight.float() if weight is not None else None
+            bias = bias.float() if bias is not None else None
+        y, save_mean, save_invstd, _, _ = ops.batch_norm_fwd(
+            input, weight, bias, mean.to(stat_type), var.to(stat_type), None, False, 0.0, eps)
+        ctx.process_group = process_group
+        ctx.save_for_backward(input, weight, save_mean, save_invstd, count.to(torch.int64).reshape(1))
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        input, weight, mean, invstd, count = ctx.saved_tensors
+        C = input.shape[1]
+        local = input.numel() > 0
+        if local:
+            sum_dy, sum_dy_xmu = ops.batch_norm_bwd_reduce(grad_out, input, mean)
+        else:  # no values here, but the all_reduce needs every rank
+            sum_dy = sum_dy_xmu = mean.new_zeros(C)
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            sums = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(sums, group=ctx.process_group)
+            grad_input = ops.batch_norm_bwd_elemt(grad_out, input, weight, mean, invstd, sums[:C], sums[C:], count)
+        # Zeros, not None, from an empty batch: DDP waits for every parameter's gradient.
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        if ctx.needs_input_grad[1]:
+            grad_weight = (sum_dy_xmu * invstd if local else sum_dy_xmu).to(weight_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(bias_dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None

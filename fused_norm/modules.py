@@ -2,9 +2,10 @@
 Constructor, parameters, state_dict keys, repr and initialization are torch's."""
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .functional import _batch_norm, layer_norm
+from .functional import _batch_norm, _SyncBatchNorm, layer_norm
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -51,3 +52,70 @@ class FusedBatchNorm2d(_FusedBatchNormForward, nn.BatchNorm2d):
 
 class FusedBatchNorm3d(_FusedBatchNormForward, nn.BatchNorm3d):
     r"""Drop-in for :class:`torch.nn.BatchNorm3d` running fused_norm's BatchNorm kernels."""
+
+
+class FusedSyncBatchNorm(_FusedBatchNormForward, nn.SyncBatchNorm):
+    r"""Drop-in for :class:`torch.nn.SyncBatchNorm` (same constructor, parameters, buffers,
+    checkpoints and input checks) running fused_norm's BatchNorm kernels.
+
+    In training, with torch.distributed initialized and a process group of more than one
+    rank, the batch statistics are those of all the ranks' batches together (batch sizes
+    may differ, a batch may be empty), on CPU tensors (gloo) as well as CUDA ones (NCCL);
+    see fused_norm.functional._SyncBatchNorm for how. Otherwise (eval mode, no process
+    group, a group of one) it computes exactly what FusedBatchNorm1d/2d/3d does.
+    Every rank of the group must run the forward (and the backward) of the layer.
+    """
+
+    def _sync_group(self):
+        """The process group to synchronize over, or None for an unsynchronized forward."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        group = self._sync_group()
+        if group is None:
+            return super().forward(input)
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        track = self.track_running_stats
+        return _SyncBatchNorm.apply(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.num_batches_tracked if track else None,
+            self.momentum,
+            self.eps,
+            group,
+        )
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        r"""Returns `module` with every BatchNorm layer in it (``torch.nn.BatchNorm1d/2d/3d``,
+        ``FusedBatchNorm1d/2d/3d``, ``SyncBatchNorm``: any ``_BatchNorm``) replaced by a
+        FusedSyncBatchNorm that synchronizes over `process_group` (default: the whole
+        world), like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: a new layer
+        holds the old one's Parameter and buffer objects themselves (shared, not copied),
+        its training flag and qconfig. A BatchNorm `module` itself comes back as a new
+        FusedSyncBatchNorm. New layers are built on the meta device, so nothing is
+        allocated (or initialized) for the tensors they take over."""
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for name, child in list(module.named_children()):
+                module.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+            return module
+        sync = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                   process_group, device="meta", bias=module.bias is not None)
+        shared = ("weight", "bias") if module.affine else ()
+        for name in shared + ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(sync, name, getattr(module, name))
+        sync.training = module.training
+        if hasattr(module, "qconfig"):
+            sync.qconfig = module.qconfig
+        for name, child in module.named_children():
+            sync.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return sync

@@ -1,6 +1,10 @@
 // BatchNorm ops: argument checks (with torch's messages), layout choice, output
 // allocation, and the CPU/CUDA registrations.
 //
+// batch_norm_stats, batch_norm_bwd_reduce and batch_norm_bwd_elemt are the phases of the
+// two for a synchronized BatchNorm, which combines the per-process statistics and
+// gradient sums with collectives in between (fused_norm/functional.py).
+//
 // batch_norm_fwd is functional: besides y and the saved statistics it returns the
 // updated running statistics as new tensors (the caller copies them into its buffers),
 // so the op mutates nothing and torch.compile can trace it. The kernels see the input
@@ -99,6 +103,38 @@ at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
   return defined(t) ? t->contiguous() : at::Tensor();
 }
 
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& input, const char* op) {
+  TORCH_CHECK(grad_out.sizes().equals(input.sizes()) && grad_out.scalar_type() == input.scalar_type() &&
+                  grad_out.device() == input.device(),
+              "fused_norm::", op, ": grad_out must match input in shape, dtype and device, got ", grad_out.sizes(),
+              " ", grad_out.scalar_type(), " vs ", input.sizes(), " ", input.scalar_type());
+}
+
+// Per-channel statistics or sums: one value of the stat dtype per channel, on input's device.
+void check_channel_stats(const at::Tensor& input, int64_t C, std::initializer_list<const at::Tensor*> stats,
+                         const char* names, const char* op) {
+  const at::ScalarType stat_type = stat_dtype(input.scalar_type());
+  for (const at::Tensor* s : stats) {
+    TORCH_CHECK(s->numel() == C && s->scalar_type() == stat_type && s->device() == input.device(), "fused_norm::", op,
+                ": ", names, " must hold one ", stat_type, " per channel (", C, "), got ", s->sizes(), " ",
+                s->scalar_type());
+  }
+}
+
+#ifdef FUSED_NORM_WITH_CUDA
+// Scratch device memory of `bytes` for one launch: sets *ptr (null for 0 bytes); the
+// returned tensor keeps it alive while the launch is queued.
+at::Tensor cuda_workspace(const at::Tensor& like, int64_t bytes, void** ptr) {
+  at::Tensor workspace;
+  *ptr = nullptr;
+  if (bytes > 0) {
+    workspace = at::empty({bytes}, like.options().dtype(at::kByte));
+    *ptr = workspace.mutable_data_ptr();
+  }
+  return workspace;
+}
+#endif
+
 // Returns (y, save_mean, save_invstd, new_running_mean, new_running_var). The new
 // running statistics are (C,) tensors when training with running statistics, else (0,).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
@@ -170,12 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   run_on_device(
       input, [&] { batch_norm_fwd_cpu(p); },
       FN_CUDA_LAUNCH([&](cudaStream_t stream) {
-        const int64_t bytes = batch_norm_fwd_cuda_workspace_bytes(p);
-        at::Tensor workspace;
-        if (bytes > 0) {
-          workspace = at::empty({bytes}, input.options().dtype(at::kByte));
-          p.workspace = workspace.mutable_data_ptr();
-        }
+        const at::Tensor workspace = cuda_workspace(input, batch_norm_fwd_cuda_workspace_bytes(p), &p.workspace);
         return batch_norm_fwd_cuda(p, stream);
       }));
   return {y, save_mean, save_invstd, new_mean, new_var};
@@ -191,16 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(const at::Tensor& 
   const DType x_dtype = to_dtype(input, kOpName);
   const BatchNormShape shape = check_inputs(input, weight_opt, bias_opt, c10::nullopt, c10::nullopt, true);
   const at::ScalarType w_type = batch_norm_param_dtype(input, {&weight_opt, &bias_opt});
-  TORCH_CHECK(grad_out.sizes().equals(input.sizes()) && grad_out.scalar_type() == input.scalar_type() &&
-                  grad_out.device() == input.device(),
-              "fused_norm::batch_norm_bwd: grad_out must match input in shape, dtype and device, got ",
-              grad_out.sizes(), " ", grad_out.scalar_type(), " vs ", input.sizes(), " ", input.scalar_type());
-  const at::ScalarType stat_type = stat_dtype(input.scalar_type());
-  for (const at::Tensor* s : {&save_mean, &save_invstd}) {
-    TORCH_CHECK(s->numel() == shape.C && s->scalar_type() == stat_type && s->device() == input.device(),
-                "fused_norm::batch_norm_bwd: save_mean/save_invstd must hold one ", stat_type, " per channel (",
-                shape.C, "), got ", s->sizes(), " ", s->scalar_type());
-  }
+  check_grad_out(grad_out, input, "batch_norm_bwd");
+  check_channel_stats(input, shape.C, {&save_mean, &save_invstd}, "save_mean/save_invstd", "batch_norm_bwd");
   const bool has_w = defined(weight_opt), has_b = defined(bias_opt);
 
   const Laid x = lay_out(input, shape);
@@ -237,15 +260,137 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(const at::Tensor& 
   run_on_device(
       input, [&] { batch_norm_bwd_cpu(p); },
       FN_CUDA_LAUNCH([&](cudaStream_t stream) {
-        const int64_t bytes = batch_norm_bwd_cuda_workspace_bytes(p);
-        at::Tensor workspace;
-        if (bytes > 0) {
-          workspace = at::empty({bytes}, input.options().dtype(at::kByte));
-          p.workspace = workspace.mutable_data_ptr();
-        }
+        const at::Tensor workspace = cuda_workspace(input, batch_norm_bwd_cuda_workspace_bytes(p), &p.workspace);
         return batch_norm_bwd_cuda(p, stream);
       }));
   return {dx, dweight, dbias};
+}
+
+// Returns (mean, var): per channel, the mean and the biased variance of the input, in
+// the stat dtype (NaN for an empty input).
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
+  const DType x_dtype = to_dtype(input, kOpName);
+  const BatchNormShape shape = check_inputs(input, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, true);
+  const auto stat_opts = input.options().dtype(stat_dtype(input.scalar_type()));
+  at::Tensor mean = at::empty({shape.C}, stat_opts);
+  at::Tensor var = at::empty({shape.C}, stat_opts);
+  if (input.numel() == 0) {
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
+  }
+  const Laid x = lay_out(input, shape);
+  BatchNormFwdParams p;
+  p.x = x.t.const_data_ptr();
+  p.save_mean = mean.mutable_data_ptr();
+  p.save_var = var.mutable_data_ptr();
+  p.N = x.shape.N;
+  p.C = x.shape.C;
+  p.S = x.shape.S;
+  p.layout = x.layout;
+  p.x_dtype = x_dtype;
+  p.w_dtype = x_dtype;
+  run_on_device(
+      input, [&] { batch_norm_stats_cpu(p); },
+      FN_CUDA_LAUNCH([&](cudaStream_t stream) {
+        const at::Tensor workspace = cuda_workspace(input, batch_norm_fwd_cuda_workspace_bytes(p), &p.workspace);
+        return batch_norm_stats_cuda(p, stream);
+      }));
+  return {mean, var};
+}
+
+// Returns (sum_dy, sum_dy_xmu): per channel, sum(grad_out) and sum(grad_out * (input -
+// mean)) in the stat dtype (0 for an empty input).
+std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce(const at::Tensor& grad_out, const at::Tensor& input,
+                                                         const at::Tensor& mean) {
+  const DType x_dtype = to_dtype(input, kOpName);
+  const BatchNormShape shape = check_inputs(input, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, true);
+  check_grad_out(grad_out, input, "batch_norm_bwd_reduce");
+  check_channel_stats(input, shape.C, {&mean}, "mean", "batch_norm_bwd_reduce");
+  const auto stat_opts = input.options().dtype(stat_dtype(input.scalar_type()));
+  at::Tensor sum_dy = at::empty({shape.C}, stat_opts);
+  at::Tensor sum_dy_xmu = at::empty({shape.C}, stat_opts);
+  if (input.numel() == 0) {
+    sum_dy.zero_();
+    sum_dy_xmu.zero_();
+    return {sum_dy, sum_dy_xmu};
+  }
+  const Laid x = lay_out(input, shape);
+  const at::Tensor dy = grad_out.contiguous(x.format);
+  const at::Tensor mean_c = mean.contiguous();
+  BatchNormBwdParams p;
+  p.dy = dy.const_data_ptr();
+  p.x = x.t.const_data_ptr();
+  p.mean = mean_c.const_data_ptr();
+  p.sum_dy = sum_dy.mutable_data_ptr();
+  p.sum_dy_xmu = sum_dy_xmu.mutable_data_ptr();
+  p.N = x.shape.N;
+  p.C = x.shape.C;
+  p.S = x.shape.S;
+  p.layout = x.layout;
+  p.x_dtype = x_dtype;
+  p.w_dtype = x_dtype;
+  run_on_device(
+      input, [&] { batch_norm_bwd_reduce_cpu(p); },
+      FN_CUDA_LAUNCH([&](cudaStream_t stream) {
+        const at::Tensor workspace = cuda_workspace(input, batch_norm_bwd_cuda_workspace_bytes(p), &p.workspace);
+        return batch_norm_bwd_reduce_cuda(p, stream);
+      }));
+  return {sum_dy, sum_dy_xmu};
+}
+
+// Returns the training dx of batch_norm_bwd computed from given sums over `count` values
+// per channel (a one-element int64 tensor on input's device; read on the device).
+at::Tensor batch_norm_bwd_elemt(const at::Tensor& grad_out, const at::Tensor& input,
+                                const c10::optional<at::Tensor>& weight_opt, const at::Tensor& mean,
+                                const at::Tensor& invstd, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                const at::Tensor& count) {
+  const DType x_dtype = to_dtype(input, kOpName);
+  const BatchNormShape shape = check_inputs(input, weight_opt, c10::nullopt, c10::nullopt, c10::nullopt, true);
+  const at::ScalarType w_type = batch_norm_param_dtype(input, {&weight_opt});
+  check_grad_out(grad_out, input, "batch_norm_bwd_elemt");
+  check_channel_stats(input, shape.C, {&mean, &invstd, &sum_dy, &sum_dy_xmu}, "mean/invstd/sum_dy/sum_dy_xmu",
+                      "batch_norm_bwd_elemt");
+  TORCH_CHECK(count.numel() == 1 && count.scalar_type() == at::kLong && count.device() == input.device(),
+              "fused_norm::batch_norm_bwd_elemt: count must be a one-element int64 tensor on input's device, got ",
+              count.sizes(), " ", count.scalar_type(), " on ", count.device());
+  const Laid x = lay_out(input, shape);
+  at::Tensor dx = at::empty(input.sizes(), input.options().memory_format(x.format));
+  if (input.numel() == 0) return dx;
+  const at::Tensor dy = grad_out.contiguous(x.format);
+  const at::Tensor weight = contiguous_or_undefined(weight_opt);
+  const at::Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
+  const at::Tensor sum_dy_c = sum_dy.contiguous(), sum_dy_xmu_c = sum_dy_xmu.contiguous();
+  BatchNormBwdParams p;
+  p.dy = dy.const_data_ptr();
+  p.x = x.t.const_data_ptr();
+  p.weight = const_ptr(weight);
+  p.mean = mean_c.const_data_ptr();
+  p.invstd = invstd_c.const_data_ptr();
+  p.dx = dx.mutable_data_ptr();
+  // Inputs here (the field is bwd_reduce's output): only read.
+  p.sum_dy = const_cast<void*>(sum_dy_c.const_data_ptr());
+  p.sum_dy_xmu = const_cast<void*>(sum_dy_xmu_c.const_data_ptr());
+  p.count = count.const_data_ptr<int64_t>();
+  p.N = x.shape.N;
+  p.C = x.shape.C;
+  p.S = x.shape.S;
+  p.layout = x.layout;
+  p.training = true;
+  p.x_dtype = x_dtype;
+  p.w_dtype = to_dtype(w_type, kOpName);
+  run_on_device(
+      input, [&] { batch_norm_bwd_elemt_cpu(p); },
+      FN_CUDA_LAUNCH([&](cudaStream_t stream) { return batch_norm_bwd_elemt_cuda(p, stream); }));
+  return dx;
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("batch_norm_fwd", &batch_norm_fwd);
+  m.impl("batch_norm_bwd", &batch_norm_bwd);
+  m.impl("batch_norm_stats", &batch_norm_stats);
+  m.impl("batch_norm_bwd_reduce", &batch_norm_bwd_reduce);
+  m.impl("batch_norm_bwd_elemt", &batch_norm_bwd_elemt);
 }
 
 }  // namespace
@@ -256,18 +401,16 @@ TORCH_LIBRARY_FRAGMENT(fused_norm, m) {
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean,"
         " Tensor save_invstd, bool training) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  m.def("batch_norm_bwd_reduce(Tensor grad_out, Tensor input, Tensor mean) -> (Tensor, Tensor)");
+  m.def("batch_norm_bwd_elemt(Tensor grad_out, Tensor input, Tensor? weight, Tensor mean, Tensor invstd,"
+        " Tensor sum_dy, Tensor sum_dy_xmu, Tensor count) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fused_norm, CPU, m) {
-  m.impl("batch_norm_fwd", &batch_norm_fwd);
-  m.impl("batch_norm_bwd", &batch_norm_bwd);
-}
+TORCH_LIBRARY_IMPL(fused_norm, CPU, m) { register_kernels(m); }
 
 #ifdef FUSED_NORM_WITH_CUDA
-TORCH_LIBRARY_IMPL(fused_norm, CUDA, m) {
-  m.impl("batch_norm_fwd", &batch_norm_fwd);
-  m.impl("batch_norm_bwd", &batch_norm_bwd);
-}
+TORCH_LIBRARY_IMPL(fused_norm, CUDA, m) { register_kernels(m); }
 #endif
 
 }  // namespace fused_norm

@@ -433,21 +433,16 @@ inline void dx_eval_run(const T* __restrict dy, int64_t n, const A* __restrict a
   for (; i < n; ++i) out[i] = from_acc<T>(to_acc<A>(dy[i]) * a[i * kStep]);
 }
 
+// dx from the per-channel sums over n values per channel (elementwise phase).
 template <typename T, typename W>
-void backward(const BatchNormBwdParams& p) {
+void backward_dx(const BatchNormBwdParams& p, const std::vector<double>& sum_dy, const std::vector<double>& sum_dyx,
+                 double n) {
   using A = acc_t<T>;
   const int64_t C = p.C;
   const A* mean = static_cast<const A*>(p.mean);
   const A* invstd = static_cast<const A*>(p.invstd);
-  std::vector<double> sum_dy(C), sum_dyx(C);
-  if (p.training || p.dweight || p.dbias) channel_grad_sums<T>(p, sum_dy, sum_dyx);
-  for (int64_t c = 0; c < C; ++c) {
-    if (p.dweight) static_cast<W*>(p.dweight)[c] = from_acc<W>(static_cast<A>(sum_dyx[c] * invstd[c]));
-    if (p.dbias) static_cast<W*>(p.dbias)[c] = from_acc<W>(static_cast<A>(sum_dy[c]));
-  }
-
   const std::vector<A> w = ln::widen_param<A, W>(p.weight, C);
-  const double inv_n = 1.0 / static_cast<double>(p.N * p.S);
+  const double inv_n = 1.0 / n;
   std::vector<A> a(C), k(C), mean_dy(C);
   for (int64_t c = 0; c < C; ++c) {
     a[c] = invstd[c] * (w.empty() ? A(1) : w[c]);
@@ -467,6 +462,51 @@ void backward(const BatchNormBwdParams& p) {
   });
 }
 
+template <typename T, typename W>
+void backward(const BatchNormBwdParams& p) {
+  using A = acc_t<T>;
+  const int64_t C = p.C;
+  const A* invstd = static_cast<const A*>(p.invstd);
+  std::vector<double> sum_dy(C), sum_dyx(C);
+  if (p.training || p.dweight || p.dbias) channel_grad_sums<T>(p, sum_dy, sum_dyx);
+  for (int64_t c = 0; c < C; ++c) {
+    if (p.dweight) static_cast<W*>(p.dweight)[c] = from_acc<W>(static_cast<A>(sum_dyx[c] * invstd[c]));
+    if (p.dbias) static_cast<W*>(p.dbias)[c] = from_acc<W>(static_cast<A>(sum_dy[c]));
+  }
+  backward_dx<T, W>(p, sum_dy, sum_dyx, static_cast<double>(p.N * p.S));
+}
+
+// The phases on their own, for a synchronized BatchNorm (params.h).
+template <typename T>
+void stats(const BatchNormFwdParams& p) {
+  using A = acc_t<T>;
+  const std::vector<Moments<double>> m = channel_moments<T>(p);
+  for (int64_t c = 0; c < p.C; ++c) {
+    static_cast<A*>(p.save_mean)[c] = static_cast<A>(m[c].mean);
+    static_cast<A*>(p.save_var)[c] = static_cast<A>(moments_var(m[c]));
+  }
+}
+
+template <typename T>
+void backward_reduce(const BatchNormBwdParams& p) {
+  using A = acc_t<T>;
+  std::vector<double> sum_dy(p.C), sum_dyx(p.C);
+  channel_grad_sums<T>(p, sum_dy, sum_dyx);
+  for (int64_t c = 0; c < p.C; ++c) {
+    static_cast<A*>(p.sum_dy)[c] = static_cast<A>(sum_dy[c]);
+    static_cast<A*>(p.sum_dy_xmu)[c] = static_cast<A>(sum_dyx[c]);
+  }
+}
+
+template <typename T, typename W>
+void backward_elemt(const BatchNormBwdParams& p) {
+  using A = acc_t<T>;
+  const A* s = static_cast<const A*>(p.sum_dy);
+  const A* sx = static_cast<const A*>(p.sum_dy_xmu);
+  backward_dx<T, W>(p, std::vector<double>(s, s + p.C), std::vector<double>(sx, sx + p.C),
+                    static_cast<double>(*p.count));
+}
+
 }  // namespace bn
 
 void batch_norm_fwd(const BatchNormFwdParams& p) {
@@ -475,4 +515,17 @@ void batch_norm_fwd(const BatchNormFwdParams& p) {
 
 void batch_norm_bwd(const BatchNormBwdParams& p) {
   dispatch_storage(p.x_dtype, p.w_dtype, [&](auto t, auto w) { bn::backward<decltype(t), decltype(w)>(p); });
+}
+
+// Phases that do not read the parameters: one instantiation per x dtype.
+void batch_norm_stats(const BatchNormFwdParams& p) {
+  dispatch_storage(p.x_dtype, p.x_dtype, [&](auto t, auto) { bn::stats<decltype(t)>(p); });
+}
+
+void batch_norm_bwd_reduce(const BatchNormBwdParams& p) {
+  dispatch_storage(p.x_dtype, p.x_dtype, [&](auto t, auto) { bn::backward_reduce<decltype(t)>(p); });
+}
+
+void batch_norm_bwd_elemt(const BatchNormBwdParams& p) {
+  dispatch_storage(p.x_dtype, p.w_dtype, [&](auto t, auto w) { bn::backward_elemt<decltype(t), decltype(w)>(p); });
 }

@@ -72,5 +72,8 @@ void layer_norm_fwd_cpu(const LayerNormFwdParams& p) { active().load()->kernels-
 void layer_norm_bwd_cpu(const LayerNormBwdParams& p) { active().load()->kernels->layer_norm_bwd(p); }
 void batch_norm_fwd_cpu(const BatchNormFwdParams& p) { active().load()->kernels->batch_norm_fwd(p); }
 void batch_norm_bwd_cpu(const BatchNormBwdParams& p) { active().load()->kernels->batch_norm_bwd(p); }
+void batch_norm_stats_cpu(const BatchNormFwdParams& p) { active().load()->kernels->batch_norm_stats(p); }
+void batch_norm_bwd_reduce_cpu(const BatchNormBwdParams& p) { active().load()->kernels->batch_norm_bwd_reduce(p); }
+void batch_norm_bwd_elemt_cpu(const BatchNormBwdParams& p) { active().load()->kernels->batch_norm_bwd_elemt(p); }
 
 }  // namespace fused_norm

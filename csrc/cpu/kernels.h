@@ -9,6 +9,10 @@ void layer_norm_fwd_cpu(const LayerNormFwdParams& p);
 void layer_norm_bwd_cpu(const LayerNormBwdParams& p);
 void batch_norm_fwd_cpu(const BatchNormFwdParams& p);
 void batch_norm_bwd_cpu(const BatchNormBwdParams& p);
+// The phases of a synchronized BatchNorm (see params.h).
+void batch_norm_stats_cpu(const BatchNormFwdParams& p);
+void batch_norm_bwd_reduce_cpu(const BatchNormBwdParams& p);
+void batch_norm_bwd_elemt_cpu(const BatchNormBwdParams& p);
 
 // "baseline" (x86-64 SSE2), "avx2" (AVX2+FMA+F16C) or "avx512" (F/BW/VL/DQ).
 const char* cpu_capability();

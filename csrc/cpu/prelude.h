@@ -31,6 +31,9 @@ struct CpuKernels {
   void (*layer_norm_bwd)(const LayerNormBwdParams&);
   void (*batch_norm_fwd)(const BatchNormFwdParams&);
   void (*batch_norm_bwd)(const BatchNormBwdParams&);
+  void (*batch_norm_stats)(const BatchNormFwdParams&);
+  void (*batch_norm_bwd_reduce)(const BatchNormBwdParams&);
+  void (*batch_norm_bwd_elemt)(const BatchNormBwdParams&);
 };
 
 }  // namespace fused_norm

@@ -20,6 +20,9 @@ const CpuKernels FN_CONCAT(kernels_, FN_CPU_NS) = {
     &FN_CPU_NS::layer_norm_bwd,
     &FN_CPU_NS::batch_norm_fwd,
     &FN_CPU_NS::batch_norm_bwd,
+    &FN_CPU_NS::batch_norm_stats,
+    &FN_CPU_NS::batch_norm_bwd_reduce,
+    &FN_CPU_NS::batch_norm_bwd_elemt,
 };
 
 }  // namespace fused_norm

@@ -5,6 +5,9 @@
 //   elementwise y. Eval: one elementwise kernel (its prologue writes save_mean/invstd).
 // Backward: [reduce kernel -> [finalize]] when training or dweight/dbias is asked ->
 //   elementwise dx.
+// The phases of a synchronized BatchNorm: batch_norm_stats is the forward's reduction
+// alone, batch_norm_bwd_reduce the backward's, batch_norm_bwd_elemt its training dx pass.
+// They read no parameter and run the kernels instantiated for W = T.
 //
 // Reduction splits: the reduce kernel gets C (NCS) or ceil(C / VEC / bx) (NSC) blocks
 // in gridDim.x; when that is below kBlocksPerSm blocks per SM, each channel's data is cut
@@ -18,6 +21,7 @@
 // Workspace layout (16 bytes of alignment slack first):
 //   forward:  parts Moments<A>[splits][C]                          (only when splits > 1)
 //   backward: sum_dy A[C], sum_dyxmu A[C] (16-byte rounded), parts Sums<A>[splits][C]
+//             (bwd_reduce: the same layout, the sums going to its outputs instead)
 #include <algorithm>
 #include <atomic>
 #include <climits>
@@ -297,6 +301,7 @@ bn_cuda::StatsOp<T, W, VEC> make_stats_op(const BatchNormFwdParams& p, int64_t n
   bn_cuda::StatsOp<T, W, VEC> op{};
   op.save_mean = static_cast<A*>(p.save_mean);
   op.save_invstd = static_cast<A*>(p.save_invstd);
+  op.save_var = static_cast<A*>(p.save_var);
   const bool update = p.new_running_mean != nullptr && p.new_running_var != nullptr &&
                       p.running_mean != nullptr && p.running_var != nullptr;
   op.running_mean = update ? static_cast<const W*>(p.running_mean) : nullptr;
@@ -309,6 +314,22 @@ bn_cuda::StatsOp<T, W, VEC> make_stats_op(const BatchNormFwdParams& p, int64_t n
   op.count = static_cast<A>(n);
   op.eps = p.eps;
   return op;
+}
+
+// The statistics reduction (StatsOp's finish writes what p asks for).
+template <typename T, typename W>
+cudaError_t reduce_stats(const BatchNormFwdParams& p, const Shape& sh, int sms, cudaStream_t stream) {
+  using A = acc_t<T>;
+  const int64_t n = sh.per_channel();
+  if (n == 0) return launch_finish_empty(make_stats_op<T, W, 1>(p, n), sh.C, stream);
+  auto go = [&](auto vec) {
+    constexpr int V = decltype(vec)::value;
+    const ReducePlan pl = plan_reduce(sh, V, sms);
+    Moments<A>* parts = p.workspace ? reinterpret_cast<Moments<A>*>(ws_base(p.workspace)) : nullptr;
+    return launch_reduce<T, V>(pl, p.x, nullptr, make_stats_op<T, W, V>(p, n), parts, sh.C, stream);
+  };
+  const bool vec = reduce_vec_ok<T>(sh) && aligned16(p.x);
+  return vec ? go(IntC<kMaxVec<T>>{}) : go(IntC<1>{});
 }
 
 template <typename T, typename W>
@@ -333,19 +354,7 @@ cudaError_t run_fwd(const BatchNormFwdParams& p, int sms, cudaStream_t stream) {
   if (p.new_running_mean != nullptr && p.cumulative && p.num_batches_tracked == nullptr)
     return cudaErrorInvalidValue;
 
-  cudaError_t err;
-  if (n == 0) {
-    err = launch_finish_empty(make_stats_op<T, W, 1>(p, n), sh.C, stream);
-  } else {
-    auto go = [&](auto vec) {
-      constexpr int V = decltype(vec)::value;
-      const ReducePlan pl = plan_reduce(sh, V, sms);
-      Moments<A>* parts = p.workspace ? reinterpret_cast<Moments<A>*>(ws_base(p.workspace)) : nullptr;
-      return launch_reduce<T, V>(pl, p.x, nullptr, make_stats_op<T, W, V>(p, n), parts, sh.C, stream);
-    };
-    const bool vec = reduce_vec_ok<T>(sh) && aligned16(p.x);
-    err = vec ? go(IntC<kMaxVec<T>>{}) : go(IntC<1>{});
-  }
+  const cudaError_t err = reduce_stats<T, W>(p, sh, sms, stream);
   if (err != cudaSuccess || sh.total() == 0) return err;
 
   bn_cuda::FwdTrainEw<T, W> op{};
@@ -354,6 +363,13 @@ cudaError_t run_fwd(const BatchNormFwdParams& p, int sms, cudaStream_t stream) {
   op.weight = static_cast<const W*>(p.weight);
   op.bias = static_cast<const W*>(p.bias);
   return run_ew<T>(sh, p.x, nullptr, p.y, op, sms, stream);
+}
+
+template <typename T>
+cudaError_t run_stats(const BatchNormFwdParams& p, int sms, cudaStream_t stream) {
+  if (p.save_mean == nullptr || p.save_var == nullptr || p.save_invstd != nullptr || p.new_running_mean != nullptr)
+    return cudaErrorInvalidValue;
+  return reduce_stats<T, T>(p, canonical(p.N, p.C, p.S, p.layout), sms, stream);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -371,65 +387,128 @@ int64_t bwd_ws_bytes(const BatchNormBwdParams& p, int sms) {
   return 16 + bwd_sums_bytes<T>(sh.C) + max_parts_bytes<T>(sh, sizeof(bn_cuda::Sums<acc_t<T>>), sms);
 }
 
+// sum(dy) and sum(dy * (x - mean)) per channel (BwdSumOp): into sum_dy / sum_dyxmu and
+// dweight / dbias, each when non-null. parts: the splits' scratch (needed when n > 0).
+template <typename T, typename W>
+cudaError_t reduce_bwd_sums(const BatchNormBwdParams& p, const Shape& sh, acc_t<T>* sum_dy, acc_t<T>* sum_dyxmu,
+                            W* dweight, W* dbias, bn_cuda::Sums<acc_t<T>>* parts, int sms, cudaStream_t stream) {
+  using A = acc_t<T>;
+  auto make_op = [&](auto vec) {
+    constexpr int V = decltype(vec)::value;
+    bn_cuda::BwdSumOp<T, W, V> op{};
+    op.mean = static_cast<const A*>(p.mean);
+    op.invstd = static_cast<const A*>(p.invstd);
+    op.sum_dy = sum_dy;
+    op.sum_dyxmu = sum_dyxmu;
+    op.dweight = dweight;
+    op.dbias = dbias;
+    return op;
+  };
+  if (sh.per_channel() == 0) return launch_finish_empty(make_op(IntC<1>{}), sh.C, stream);
+  auto go = [&](auto vec) {
+    constexpr int V = decltype(vec)::value;
+    const ReducePlan pl = plan_reduce(sh, V, sms);
+    return launch_reduce<T, V>(pl, p.dy, p.x, make_op(vec), parts, sh.C, stream);
+  };
+  const bool vec = reduce_vec_ok<T>(sh) && aligned16(p.dy) && aligned16(p.x);
+  return vec ? go(IntC<kMaxVec<T>>{}) : go(IntC<1>{});
+}
+
+// Training dx from the sums (BwdTrainEw; p.count, when set, gives n).
+template <typename T, typename W>
+cudaError_t train_dx(const BatchNormBwdParams& p, const Shape& sh, const acc_t<T>* sum_dy, const acc_t<T>* sum_dyxmu,
+                     int sms, cudaStream_t stream) {
+  using A = acc_t<T>;
+  bn_cuda::BwdTrainEw<T, W> op{};
+  op.mean = static_cast<const A*>(p.mean);
+  op.invstd = static_cast<const A*>(p.invstd);
+  op.weight = static_cast<const W*>(p.weight);
+  op.sum_dy = sum_dy;
+  op.sum_dyxmu = sum_dyxmu;
+  op.n = static_cast<A>(sh.per_channel());
+  op.count = p.count;
+  return run_ew<T>(sh, p.dy, p.x, p.dx, op, sms, stream);
+}
+
 template <typename T, typename W>
 cudaError_t run_bwd(const BatchNormBwdParams& p, int sms, cudaStream_t stream) {
   using A = acc_t<T>;
   const Shape sh = canonical(p.N, p.C, p.S, p.layout);
-  const int64_t n = sh.per_channel();
   const bool needs_sums = p.training || p.dweight != nullptr || p.dbias != nullptr;
   A* sum_dy = nullptr;
   A* sum_dyxmu = nullptr;
 
   if (needs_sums) {
-    auto make_op = [&](auto vec) {
-      constexpr int V = decltype(vec)::value;
-      bn_cuda::BwdSumOp<T, W, V> op{};
-      op.mean = static_cast<const A*>(p.mean);
-      op.invstd = static_cast<const A*>(p.invstd);
-      op.sum_dy = p.training ? sum_dy : nullptr;
-      op.sum_dyxmu = p.training ? sum_dyxmu : nullptr;
-      op.dweight = static_cast<W*>(p.dweight);
-      op.dbias = static_cast<W*>(p.dbias);
-      return op;
-    };
-    cudaError_t err;
-    if (n == 0) {
-      err = launch_finish_empty(make_op(IntC<1>{}), sh.C, stream);  // zero dweight / dbias
-    } else {
+    bn_cuda::Sums<A>* parts = nullptr;
+    if (sh.per_channel() > 0) {
       if (p.workspace == nullptr) return cudaErrorInvalidValue;
       unsigned char* base = ws_base(p.workspace);
       sum_dy = reinterpret_cast<A*>(base);
       sum_dyxmu = sum_dy + sh.C;
-      auto* parts = reinterpret_cast<bn_cuda::Sums<A>*>(base + bwd_sums_bytes<T>(sh.C));
-      auto go = [&](auto vec) {
-        constexpr int V = decltype(vec)::value;
-        const ReducePlan pl = plan_reduce(sh, V, sms);
-        return launch_reduce<T, V>(pl, p.dy, p.x, make_op(vec), parts, sh.C, stream);
-      };
-      const bool vec = reduce_vec_ok<T>(sh) && aligned16(p.dy) && aligned16(p.x);
-      err = vec ? go(IntC<kMaxVec<T>>{}) : go(IntC<1>{});
+      parts = reinterpret_cast<bn_cuda::Sums<A>*>(base + bwd_sums_bytes<T>(sh.C));
     }
+    const cudaError_t err =
+        reduce_bwd_sums<T, W>(p, sh, p.training ? sum_dy : nullptr, p.training ? sum_dyxmu : nullptr,
+                              static_cast<W*>(p.dweight), static_cast<W*>(p.dbias), parts, sms, stream);
     if (err != cudaSuccess) return err;
   }
   if (sh.total() == 0) return cudaSuccess;
 
-  if (p.training) {
-    bn_cuda::BwdTrainEw<T, W> op{};
-    op.mean = static_cast<const A*>(p.mean);
-    op.invstd = static_cast<const A*>(p.invstd);
-    op.weight = static_cast<const W*>(p.weight);
-    op.sum_dy = sum_dy;
-    op.sum_dyxmu = sum_dyxmu;
-    op.n = static_cast<A>(n);
-    return run_ew<T>(sh, p.dy, p.x, p.dx, op, sms, stream);
-  }
+  if (p.training) return train_dx<T, W>(p, sh, sum_dy, sum_dyxmu, sms, stream);
   bn_cuda::BwdEvalEw<T, W> op{};
   op.invstd = static_cast<const A*>(p.invstd);
   op.weight = static_cast<const W*>(p.weight);
   return run_ew<T>(sh, p.dy, nullptr, p.dx, op, sms, stream);
 }
 
+// Workspace: batch_norm_bwd_cuda_workspace_bytes (the parts at the backward's offset).
+template <typename T>
+cudaError_t run_bwd_reduce(const BatchNormBwdParams& p, int sms, cudaStream_t stream) {
+  using A = acc_t<T>;
+  if (p.sum_dy == nullptr || p.sum_dy_xmu == nullptr) return cudaErrorInvalidValue;
+  const Shape sh = canonical(p.N, p.C, p.S, p.layout);
+  bn_cuda::Sums<A>* parts = nullptr;
+  if (sh.per_channel() > 0) {
+    if (p.workspace == nullptr) return cudaErrorInvalidValue;
+    parts = reinterpret_cast<bn_cuda::Sums<A>*>(ws_base(p.workspace) + bwd_sums_bytes<T>(sh.C));
+  }
+  return reduce_bwd_sums<T, T>(p, sh, static_cast<A*>(p.sum_dy), static_cast<A*>(p.sum_dy_xmu), nullptr, nullptr,
+                               parts, sms, stream);
+}
+
+template <typename T, typename W>
+cudaError_t run_bwd_elemt(const BatchNormBwdParams& p, int sms, cudaStream_t stream) {
+  using A = acc_t<T>;
+  if (p.sum_dy == nullptr || p.sum_dy_xmu == nullptr || p.count == nullptr) return cudaErrorInvalidValue;
+  const Shape sh = canonical(p.N, p.C, p.S, p.layout);
+  if (sh.total() == 0) return cudaSuccess;
+  return train_dx<T, W>(p, sh, static_cast<const A*>(p.sum_dy), static_cast<const A*>(p.sum_dy_xmu), sms, stream);
+}
+
 bool sizes_ok(int64_t N, int64_t C, int64_t S) { return N >= 0 && C > 0 && S >= 0; }
+
+// The checks every entry point starts with; then run(SM count).
+template <typename P, typename F>
+cudaError_t checked(const P& p, F&& run) {
+  if (p.C == 0) return cudaSuccess;
+  if (!sizes_ok(p.N, p.C, p.S)) return cudaErrorInvalidValue;
+  int sms = 0;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  return run(sms);
+}
+
+// Calls f(Tag<T>) for x's storage type (the phases that read no parameter).
+template <typename F>
+cudaError_t dispatch_x(DType x_dtype, F&& f) {
+  switch (x_dtype) {
+    case DType::kFloat32: return f(Tag<float>{});
+    case DType::kFloat64: return f(Tag<double>{});
+    case DType::kFloat16: return f(Tag<__half>{});
+    case DType::kBFloat16: return f(Tag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace
 
@@ -445,13 +524,10 @@ int64_t batch_norm_fwd_cuda_workspace_bytes(const BatchNormFwdParams& p) {
 }
 
 cudaError_t batch_norm_fwd_cuda(const BatchNormFwdParams& p, cudaStream_t stream) {
-  if (p.C == 0) return cudaSuccess;
-  if (!sizes_ok(p.N, p.C, p.S)) return cudaErrorInvalidValue;
-  int sms = 0;
-  const cudaError_t err = sm_count(&sms);
-  if (err != cudaSuccess) return err;
-  return dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
-    return run_fwd<typename decltype(t)::type, typename decltype(w)::type>(p, sms, stream);
+  return checked(p, [&](int sms) {
+    return dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
+      return run_fwd<typename decltype(t)::type, typename decltype(w)::type>(p, sms, stream);
+    });
   });
 }
 
@@ -467,13 +543,30 @@ int64_t batch_norm_bwd_cuda_workspace_bytes(const BatchNormBwdParams& p) {
 }
 
 cudaError_t batch_norm_bwd_cuda(const BatchNormBwdParams& p, cudaStream_t stream) {
-  if (p.C == 0) return cudaSuccess;
-  if (!sizes_ok(p.N, p.C, p.S)) return cudaErrorInvalidValue;
-  int sms = 0;
-  const cudaError_t err = sm_count(&sms);
-  if (err != cudaSuccess) return err;
-  return dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
-    return run_bwd<typename decltype(t)::type, typename decltype(w)::type>(p, sms, stream);
+  return checked(p, [&](int sms) {
+    return dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
+      return run_bwd<typename decltype(t)::type, typename decltype(w)::type>(p, sms, stream);
+    });
+  });
+}
+
+cudaError_t batch_norm_stats_cuda(const BatchNormFwdParams& p, cudaStream_t stream) {
+  return checked(p, [&](int sms) {
+    return dispatch_x(p.x_dtype, [&](auto t) { return run_stats<typename decltype(t)::type>(p, sms, stream); });
+  });
+}
+
+cudaError_t batch_norm_bwd_reduce_cuda(const BatchNormBwdParams& p, cudaStream_t stream) {
+  return checked(p, [&](int sms) {
+    return dispatch_x(p.x_dtype, [&](auto t) { return run_bwd_reduce<typename decltype(t)::type>(p, sms, stream); });
+  });
+}
+
+cudaError_t batch_norm_bwd_elemt_cuda(const BatchNormBwdParams& p, cudaStream_t stream) {
+  return checked(p, [&](int sms) {
+    return dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
+      return run_bwd_elemt<typename decltype(t)::type, typename decltype(w)::type>(p, sms, stream);
+    });
   });
 }
 

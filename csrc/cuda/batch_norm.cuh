@@ -161,8 +161,9 @@ template <typename A> struct PartTraits<Sums<A>> {
 //   init(Acc&), ctx(c) (per-channel value the pushes need), push(Acc&, in0[VEC],
 //   in1[VEC], ctx[VEC]), slot(Acc, j) -> Part, finish(c, Part) (the channel's total).
 
-// Training statistics of x (in0). finish writes save_mean / save_invstd and, when asked,
-// the updated running statistics.
+// Training statistics of x (in0). finish writes save_mean, save_invstd and save_var when
+// non-null (the forward: save_invstd; batch_norm_stats: save_var) and, when asked, the
+// updated running statistics.
 template <typename T, typename W, int VEC>
 struct StatsOp {
   using A = acc_t<T>;
@@ -176,7 +177,8 @@ struct StatsOp {
   };
 
   A* save_mean;
-  A* save_invstd;
+  A* save_invstd;  // may be null
+  A* save_var;     // may be null
   const W* running_mean;  // null: no running-stat update
   const W* running_var;
   W* new_running_mean;
@@ -208,7 +210,8 @@ struct StatsOp {
   BN_DEV void finish(int64_t c, Part m) const {
     m.count = count;  // the merged float counts are exact only up to 2^24 (fp32)
     save_mean[c] = m.mean;
-    save_invstd[c] = moments_rstd(m, eps);
+    if (save_invstd != nullptr) save_invstd[c] = moments_rstd(m, eps);
+    if (save_var != nullptr) save_var[c] = moments_var(m);
     if (new_running_mean == nullptr) return;
     A rm = to_acc(running_mean[c]);
     A rv = to_acc(running_var[c]);
@@ -539,7 +542,8 @@ struct FwdEvalEw {
   }
 };
 
-// Training dx from dy (in0) and x (in1) with the channel sums of the reduction.
+// Training dx from dy (in0) and x (in1) with the channel sums of the reduction, over n
+// values per channel, or *count (device memory) when count is non-null.
 template <typename T, typename W>
 struct BwdTrainEw {
   using A = acc_t<T>;
@@ -554,14 +558,16 @@ struct BwdTrainEw {
   const A* sum_dy;
   const A* sum_dyxmu;
   A n;  // N * S
+  const int64_t* count;  // may be null
   BN_DEV Coef coef(int64_t c) const {
     const A is = invstd[c];
     const A w = weight != nullptr ? to_acc(weight[c]) : A(1);
+    const A nc = count != nullptr ? static_cast<A>(*count) : n;
     Coef k;
     k.mean = mean[c];
     k.a = is * w;
-    k.k = is * is * sum_dyxmu[c] / n;
-    k.mean_dy = sum_dy[c] / n;
+    k.k = is * is * sum_dyxmu[c] / nc;
+    k.mean_dy = sum_dy[c] / nc;
     return k;
   }
   BN_DEV A apply(const Coef& k, A dy, A x) const {

@@ -27,4 +27,12 @@ cudaError_t batch_norm_fwd_cuda(const BatchNormFwdParams& p, cudaStream_t stream
 int64_t batch_norm_bwd_cuda_workspace_bytes(const BatchNormBwdParams& p);
 cudaError_t batch_norm_bwd_cuda(const BatchNormBwdParams& p, cudaStream_t stream);
 
+// The phases of a synchronized BatchNorm (params.h), which read no parameter except
+// bwd_elemt's weight. Workspace: stats takes batch_norm_fwd_cuda_workspace_bytes(p),
+// bwd_reduce batch_norm_bwd_cuda_workspace_bytes(p) (with p.w_dtype = p.x_dtype);
+// bwd_elemt needs none. bwd_elemt reads *p.count on the device.
+cudaError_t batch_norm_stats_cuda(const BatchNormFwdParams& p, cudaStream_t stream);
+cudaError_t batch_norm_bwd_reduce_cuda(const BatchNormBwdParams& p, cudaStream_t stream);
+cudaError_t batch_norm_bwd_elemt_cuda(const BatchNormBwdParams& p, cudaStream_t stream);
+
 }  // namespace fused_norm
