@@ -65,7 +65,8 @@ std::vector<A> widen_param(const void* p, int64_t n) {
 }
 
 // Asks for the next row while this one is computed: rows are short streams, too short
-// for the hardware prefetcher to run ahead on its own.
+// for the hardware prefetcher to run ahead on its own. (Forward only: in the backward,
+// which streams two inputs, it measured slower than the hardware prefetcher alone.)
 template <typename T>
 inline void prefetch_row(const T* row, int64_t cols) {
   const char* p = reinterpret_cast<const char*>(row);
@@ -192,10 +193,6 @@ void backward(const LayerNormBwdParams& p) {
       for (int64_t r = rows * g / groups; r < r_end; ++r) {
         const T* xr = x + r * p.x_row_stride;
         const T* dyr = dy + r * p.dy_row_stride;
-        if (r + 1 < r_end) {
-          prefetch_row(xr + p.x_row_stride, cols);
-          prefetch_row(dyr + p.dy_row_stride, cols);
-        }
         const A mean = mean_in[r], rstd = rstd_in[r];
         A sum_g = 0, sum_gx = 0;
         grad_sums(xr, dyr, wp, cols, mean, sum_g, sum_gx);
