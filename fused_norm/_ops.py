@@ -2,6 +2,7 @@
 and autocast behaviour. Importing this module loads the compiled library."""
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _C  # registers torch.ops.fused_norm.*
 
@@ -88,10 +89,12 @@ def _layer_norm_bwd_setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad_out, input, rstd, weight)
 
 
+@once_differentiable
 def _layer_norm_double_backward(ctx, grad_dx, grad_dw, grad_db):
     """Backward of layer_norm_bwd (double backward of layer_norm), by differentiating the
     backward formula written in torch ops, with mean and rstd recomputed from the input
-    so that their dependence on it is included."""
+    so that their dependence on it is included. Second order only (once_differentiable):
+    a third order raises rather than returning a wrong, disconnected gradient."""
     grad_out, input, rstd, weight = ctx.saved_tensors
     acc = _acc_dtype(input.dtype)
     k = len(ctx.normalized_shape)
@@ -116,7 +119,7 @@ def _layer_norm_double_backward(ctx, grad_dx, grad_dw, grad_db):
             outs.append(dy.sum(lead))
             grads.append(grad_db)
         wanted = [t for t in leaves if t is not None]
-        result = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True, create_graph=torch.is_grad_enabled()))
+        result = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True))
     d_grad_out, d_input, d_weight = (next(result) if t is not None else None for t in leaves)
     return d_grad_out, d_input, None, None, None, d_weight, None
 
@@ -205,10 +208,12 @@ def _batch_norm_bwd_setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad_out, input, weight, save_mean, save_invstd)
 
 
+@once_differentiable
 def _batch_norm_double_backward(ctx, grad_dx, grad_dw, grad_db):
     """Backward of batch_norm_bwd (double backward of batch_norm), by differentiating the
     backward formula written in torch ops; in training the batch statistics are
-    recomputed from the input so that their dependence on it is included."""
+    recomputed from the input so that their dependence on it is included. Second order
+    only, as the LayerNorm one."""
     grad_out, input, weight, save_mean, save_invstd = ctx.saved_tensors
     acc = _acc_dtype(input.dtype)
     dims = [0] + list(range(2, input.dim()))
@@ -239,7 +244,7 @@ def _batch_norm_double_backward(ctx, grad_dx, grad_dw, grad_db):
             outs.append(dy.sum(dims))
             grads.append(grad_db.view(-1))
         wanted = [t for t in leaves if t is not None]
-        result = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True, create_graph=torch.is_grad_enabled()))
+        result = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True))
     d_grad_out, d_input, d_weight = (next(result) if t is not None else None for t in leaves)
     return d_grad_out, d_input, d_weight, None, None, None, None
 
