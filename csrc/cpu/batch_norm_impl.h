@@ -3,17 +3,17 @@
 //
 //  * kNCS: each (n, c) plane is S contiguous values of one channel. The tensor is cut
 //    into runs of at most kBlock values of one plane; runs are processed in parallel.
-//  * kNSC: rows of C contiguous channels. Statistics work on tiles of rows x at most
-//    kBlock channels; elementwise passes on chunks of at most kBlock channels of a row.
+//  * kNSC: rows of C contiguous channels. Reductions work on tiles of kTileRows rows x
+//    kTileCols channels; elementwise passes on chunks of at most kBlock channels of a row.
 //
 // Training forward: one read of x computes exact moments per run / per tile column (two
 // vectorized sweeps over L1/L2-resident data, in the accumulation type), which are merged
 // per channel in double in a fixed order; the normalize pass applies one scale and shift
 // per channel. Half and bfloat16 are converted in registers (vec_io.h), never copied.
 // Backward: per-run / per-tile sums of dy and dy * (x - mean) (products in the
-// accumulation type, sums in double lanes), added per channel in a fixed order, then one elementwise pass for dx. The
-// partition depends only on the shape, never on the thread count, and there are no
-// atomics: results are bitwise reproducible.
+// accumulation type, sums in double lanes), added per channel in a fixed order, then one
+// elementwise pass for dx. The partition depends only on the shape, never on the thread
+// count, and there are no atomics: results are bitwise reproducible.
 #pragma once
 
 namespace bn {
@@ -54,8 +54,7 @@ struct NcsRuns {
 // in float; a tile and the next one (being prefetched) fit in L2.
 constexpr int64_t kTileRows = 256, kTileCols = 256;
 
-// Partial results are stored
-// per (row block, channel).
+// Partial results are stored per (row block, channel).
 struct NscTiles {
   int64_t rows, C, cb, rb, row_blocks, col_blocks;
   NscTiles(int64_t rows_, int64_t c)
