@@ -1,5 +1,6 @@
 // The Python module fused_norm._C: importing it registers the ops (TORCH_LIBRARY
-// blocks in this directory) and exposes the CPU kernels' instruction-set selection.
+// blocks in this directory) and exposes the CPU kernels' instruction-set selection
+// and their streaming-store threshold.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -24,11 +25,26 @@ PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* get_stream_threshold(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(fused_norm::stream_threshold_bytes());
+}
+
+PyObject* set_stream_threshold(PyObject*, PyObject* arg) {
+  const long long bytes = PyLong_AsLongLong(arg);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  fused_norm::set_stream_threshold_bytes(bytes);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"get_cpu_capability", get_cpu_capability, METH_NOARGS,
      "Instruction set the CPU kernels use: 'baseline', 'avx2' or 'avx512'."},
     {"set_cpu_capability", set_cpu_capability, METH_O,
      "Select the CPU kernels' instruction set ('baseline', 'avx2', 'avx512')."},
+    {"get_stream_threshold", get_stream_threshold, METH_NOARGS,
+     "Footprint in bytes above which the CPU kernels write their outputs with non-temporal stores."},
+    {"set_stream_threshold", set_stream_threshold, METH_O,
+     "Set that footprint (0: always stream; -1: the default, the last-level cache size). For tests."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

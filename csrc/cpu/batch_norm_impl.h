@@ -30,15 +30,16 @@ struct NcsRuns {
   NcsRuns(int64_t n, int64_t c, int64_t s) : N(n), C(c), S(s), per_plane((s + kBlock - 1) / kBlock) {}
   int64_t count() const { return N * C * per_plane; }
   int64_t index(int64_t n, int64_t c, int64_t k) const { return (n * C + c) * per_plane + k; }
-  // f(c, offset, len, run index) for every run, in parallel.
-  template <typename F>
-  void parallel(F&& f) const {
+  // f(c, offset, len, run index) for every run, in parallel; done() after each task.
+  template <typename F, typename Done = void (*)()>
+  void parallel(F&& f, Done done = [] {}) const {
     const int64_t grain = std::max<int64_t>(1, kGrainElems / std::min(S, kBlock));
     at::parallel_for(0, count(), grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t plane = r / per_plane, s0 = (r % per_plane) * kBlock;
         f(plane % C, plane * S + s0, std::min(kBlock, S - s0), r);
       }
+      done();
     });
   }
   // f(run index) over channel c's runs in a fixed order.
@@ -95,16 +96,25 @@ void for_channels(int64_t C, int64_t work_per_channel, F&& f) {
 }
 
 // Every element once, in runs of at most kBlock contiguous elements, in parallel:
-// f(Step<s>, offset, c, len) where element i of the run belongs to channel c + i * s.
+// f(Step<s>, Stream<b>, offset, c, len) where element i of the run belongs to channel
+// c + i * s, and the run's output is streamed (store_loop) when b: when the call reads
+// and writes `bytes` in all (stream_output).
 template <typename F>
-void for_each_run(int64_t N, int64_t C, int64_t S, BatchNormLayout layout, F&& f) {
-  if (layout == BatchNormLayout::kNCS) {
-    NcsRuns(N, C, S).parallel([&](int64_t c, int64_t off, int64_t len, int64_t) { f(Step<0>{}, off, c, len); });
-    return;
-  }
-  at::parallel_for(0, N * S, std::max<int64_t>(1, kGrainElems / C), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(Step<1>{}, r * C + c0, c0, std::min(kBlock, C - c0));
+void for_each_run(int64_t N, int64_t C, int64_t S, BatchNormLayout layout, int64_t bytes, F&& f) {
+  with_flag(stream_output(bytes), [&](auto stream) {
+    auto done = [] {
+      if constexpr (decltype(stream)::value) sfence();
+    };
+    if (layout == BatchNormLayout::kNCS) {
+      NcsRuns(N, C, S).parallel([&](int64_t c, int64_t off, int64_t len, int64_t) { f(Step<0>{}, stream, off, c, len); },
+                                done);
+      return;
+    }
+    at::parallel_for(0, N * S, std::max<int64_t>(1, kGrainElems / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(Step<1>{}, stream, r * C + c0, c0, std::min(kBlock, C - c0));
+      done();
+    });
   });
 }
 
@@ -264,13 +274,12 @@ void update_running_stats(const BatchNormFwdParams& p, const std::vector<Moments
 }
 
 // y = x * scale + shift for a run, converting in registers.
-template <int64_t kStep, typename T, typename A>
+template <int64_t kStep, bool kStream, typename T, typename A>
 inline void scale_shift_run(const T* __restrict x, int64_t n, const A* __restrict scale, const A* __restrict shift,
                             T* __restrict y) {
-  constexpr int64_t L = kLanes<A>;
-  int64_t i = 0;
-  for (; i + L <= n; i += L) store_vec(y + i, load_vec(x + i) * coef<kStep>(scale, i) + coef<kStep>(shift, i));
-  for (; i < n; ++i) y[i] = from_acc<T>(to_acc<A>(x[i]) * scale[i * kStep] + shift[i * kStep]);
+  store_loop<kStream>(
+      y, n, [&](int64_t i) { return load_vec(x + i) * coef<kStep>(scale, i) + coef<kStep>(shift, i); },
+      [&](int64_t i) { return to_acc<A>(x[i]) * scale[i * kStep] + shift[i * kStep]; });
 }
 
 template <typename T, typename W>
@@ -302,8 +311,10 @@ void forward(const BatchNormFwdParams& p) {
 
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
-  for_each_run(p.N, C, p.S, p.layout, [&](auto step, int64_t off, int64_t c, int64_t len) {
-    scale_shift_run<decltype(step)::value>(x + off, len, scale.data() + c, shift.data() + c, y + off);
+  const int64_t bytes = p.N * C * p.S * 2 * static_cast<int64_t>(sizeof(T));
+  for_each_run(p.N, C, p.S, p.layout, bytes, [&](auto step, auto stream, int64_t off, int64_t c, int64_t len) {
+    scale_shift_run<decltype(step)::value, decltype(stream)::value>(x + off, len, scale.data() + c, shift.data() + c,
+                                                                     y + off);
   });
 }
 
@@ -436,27 +447,26 @@ void channel_grad_sums(const BatchNormBwdParams& p, std::vector<double>& sum_dy,
 }
 
 // dx of a run; per-channel coefficients as in batch_norm_dx (norm_math.h).
-template <int64_t kStep, typename T, typename A>
+template <int64_t kStep, bool kStream, typename T, typename A>
 inline void dx_run(const T* __restrict x, const T* __restrict dy, int64_t n, const A* __restrict mean,
                    const A* __restrict a, const A* __restrict k, const A* __restrict mean_dy, T* __restrict out) {
-  constexpr int64_t L = kLanes<A>;
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    store_vec(out + i, batch_norm_dx(load_vec(dy + i), load_vec(x + i), coef<kStep>(mean, i), coef<kStep>(a, i),
-                                     coef<kStep>(k, i), coef<kStep>(mean_dy, i)));
-  }
-  for (; i < n; ++i) {
-    out[i] = from_acc<T>(batch_norm_dx(to_acc<A>(dy[i]), to_acc<A>(x[i]), mean[i * kStep], a[i * kStep],
-                                       k[i * kStep], mean_dy[i * kStep]));
-  }
+  store_loop<kStream>(
+      out, n,
+      [&](int64_t i) {
+        return batch_norm_dx(load_vec(dy + i), load_vec(x + i), coef<kStep>(mean, i), coef<kStep>(a, i),
+                             coef<kStep>(k, i), coef<kStep>(mean_dy, i));
+      },
+      [&](int64_t i) {
+        return batch_norm_dx(to_acc<A>(dy[i]), to_acc<A>(x[i]), mean[i * kStep], a[i * kStep], k[i * kStep],
+                             mean_dy[i * kStep]);
+      });
 }
 
-template <int64_t kStep, typename T, typename A>
+template <int64_t kStep, bool kStream, typename T, typename A>
 inline void dx_eval_run(const T* __restrict dy, int64_t n, const A* __restrict a, T* __restrict out) {
-  constexpr int64_t L = kLanes<A>;
-  int64_t i = 0;
-  for (; i + L <= n; i += L) store_vec(out + i, load_vec(dy + i) * coef<kStep>(a, i));
-  for (; i < n; ++i) out[i] = from_acc<T>(to_acc<A>(dy[i]) * a[i * kStep]);
+  store_loop<kStream>(
+      out, n, [&](int64_t i) { return load_vec(dy + i) * coef<kStep>(a, i); },
+      [&](int64_t i) { return to_acc<A>(dy[i]) * a[i * kStep]; });
 }
 
 // dx from the per-channel sums over n values per channel (elementwise phase).
@@ -478,12 +488,15 @@ void backward_dx(const BatchNormBwdParams& p, const std::vector<double>& sum_dy,
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
-  for_each_run(p.N, C, p.S, p.layout, [&](auto step, int64_t off, int64_t c, int64_t len) {
+  const int64_t bytes = p.N * C * p.S * (p.training ? 3 : 2) * static_cast<int64_t>(sizeof(T));
+  for_each_run(p.N, C, p.S, p.layout, bytes, [&](auto step, auto stream, int64_t off, int64_t c, int64_t len) {
     constexpr int64_t kStep = decltype(step)::value;
+    constexpr bool kStream = decltype(stream)::value;
     if (p.training) {
-      dx_run<kStep>(x + off, dy + off, len, mean + c, a.data() + c, k.data() + c, mean_dy.data() + c, dx + off);
+      dx_run<kStep, kStream>(x + off, dy + off, len, mean + c, a.data() + c, k.data() + c, mean_dy.data() + c,
+                             dx + off);
     } else {
-      dx_eval_run<kStep>(dy + off, len, a.data() + c, dx + off);
+      dx_eval_run<kStep, kStream>(dy + off, len, a.data() + c, dx + off);
     }
   });
 }

@@ -4,6 +4,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 #include "prelude.h"
 
@@ -57,7 +59,38 @@ std::atomic<const Capability*>& active() {
   return a;
 }
 
+// The size of cpu0's last-level cache, from sysfs (Linux). glibc's sysconf can report the
+// host's cache in a virtual machine (320 MiB here, where the guest has 32 MiB).
+int64_t default_stream_threshold() {
+  int64_t best_level = 0, bytes = int64_t{32} << 20;
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    std::ifstream level_file(dir + "level"), size_file(dir + "size");
+    int64_t level = 0, size = 0;
+    std::string unit;
+    if (!(level_file >> level) || !(size_file >> size)) continue;
+    size_file >> unit;  // "32768K"
+    const int64_t scale = unit == "M" ? (1 << 20) : unit == "K" ? (1 << 10) : 1;
+    if (level > best_level && size > 0) {
+      best_level = level;
+      bytes = size * scale;
+    }
+  }
+  return bytes;
+}
+
+std::atomic<int64_t>& stream_threshold() {
+  static std::atomic<int64_t> t{default_stream_threshold()};
+  return t;
+}
+
 }  // namespace
+
+int64_t stream_threshold_bytes() { return stream_threshold().load(std::memory_order_relaxed); }
+
+void set_stream_threshold_bytes(int64_t bytes) {
+  stream_threshold().store(bytes < 0 ? default_stream_threshold() : bytes, std::memory_order_relaxed);
+}
 
 const char* cpu_capability() { return active().load()->name; }
 

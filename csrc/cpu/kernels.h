@@ -1,6 +1,8 @@
 // Entry points of the CPU kernels. Torch-free declarations; each dispatches at run time
 // to the widest instruction set this processor supports (see cpu_dispatch.cpp).
 #pragma once
+#include <cstdint>
+
 #include "../params.h"
 
 namespace fused_norm {
@@ -19,5 +21,12 @@ const char* cpu_capability();
 // Selects a capability (for tests and benchmarks); returns false if the processor
 // lacks it or the name is unknown.
 bool set_cpu_capability(const char* name);
+
+// Outputs of a call whose memory footprint (bytes read and written) exceeds this many bytes
+// are written with non-temporal stores: they would not stay in cache anyway, and
+// bypassing it saves the read for ownership. Default: the size of the last-level cache
+// (sysconf; 32 MiB when unknown). Settable for tests (0: always; -1 restores the default).
+int64_t stream_threshold_bytes();
+void set_stream_threshold_bytes(int64_t bytes);
 
 }  // namespace fused_norm

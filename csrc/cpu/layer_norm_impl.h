@@ -32,24 +32,24 @@ inline Moments<acc_t<T>> block_moments(const T* x, int64_t n) {
   return Moments<A>{static_cast<A>(n), mean, m2};
 }
 
-// y = (x - mean) * rstd [* w] [+ b] for n values.
-template <bool kWeight, bool kBias, typename T, typename A>
+// y = (x - mean) * rstd [* w] [+ b] for n values (kStream: see store_loop).
+template <bool kWeight, bool kBias, bool kStream, typename T, typename A>
 inline void normalize_block(const T* __restrict x, int64_t n, A mean, A rstd, const A* __restrict w,
                             const A* __restrict b, T* __restrict y) {
-  constexpr int64_t L = kLanes<A>;
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    vec_t<A> v = (load_vec(x + i) - mean) * rstd;
-    if constexpr (kWeight) v *= loadu(w + i);
-    if constexpr (kBias) v += loadu(b + i);
-    store_vec(y + i, v);
-  }
-  for (; i < n; ++i) {
-    A v = (to_acc<A>(x[i]) - mean) * rstd;
-    if constexpr (kWeight) v *= w[i];
-    if constexpr (kBias) v += b[i];
-    y[i] = from_acc<T>(v);
-  }
+  store_loop<kStream>(
+      y, n,
+      [&](int64_t i) {
+        vec_t<A> v = (load_vec(x + i) - mean) * rstd;
+        if constexpr (kWeight) v *= loadu(w + i);
+        if constexpr (kBias) v += loadu(b + i);
+        return v;
+      },
+      [&](int64_t i) {
+        A v = (to_acc<A>(x[i]) - mean) * rstd;
+        if constexpr (kWeight) v *= w[i];
+        if constexpr (kBias) v += b[i];
+        return v;
+      });
 }
 
 // Parameters widened to the accumulation type once per call (empty when absent).
@@ -87,31 +87,36 @@ void forward(const LayerNormFwdParams& p) {
   A* rstd_out = static_cast<A*>(p.rstd);
   const std::vector<A> w = widen_param<A, W>(p.weight, cols);
   const std::vector<A> b = widen_param<A, W>(p.bias, cols);
-  auto normalize = [&](const T* xr, T* yr, A mean, A rstd) {
-    const A* wp = w.data();
-    const A* bp = b.data();
-    if (!w.empty() && !b.empty()) {
-      normalize_block<true, true>(xr, cols, mean, rstd, wp, bp, yr);
-    } else if (!w.empty()) {
-      normalize_block<true, false>(xr, cols, mean, rstd, wp, bp, yr);
-    } else if (!b.empty()) {
-      normalize_block<false, true>(xr, cols, mean, rstd, wp, bp, yr);
-    } else {
-      normalize_block<false, false>(xr, cols, mean, rstd, wp, bp, yr);
-    }
-  };
-
-  at::parallel_for(0, p.rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * p.x_row_stride;
-      if (r + 1 < r1) prefetch_row(xr + p.x_row_stride, cols);
-      Moments<A> m = moments_empty<A>();
-      for (int64_t c = 0; c < cols; c += kBlock) m = moments_merge(m, block_moments(xr + c, std::min(kBlock, cols - c)));
-      const A rstd = moments_rstd(m, p.eps);
-      mean_out[r] = m.mean;
-      rstd_out[r] = rstd;
-      normalize(xr, y + r * p.y_row_stride, m.mean, rstd);
-    }
+  const int64_t bytes = p.rows * cols * 2 * static_cast<int64_t>(sizeof(T));
+  with_flag(stream_output(bytes), [&](auto stream) {
+    constexpr bool kStream = decltype(stream)::value;
+    auto normalize = [&](const T* xr, T* yr, A mean, A rstd) {
+      const A* wp = w.data();
+      const A* bp = b.data();
+      if (!w.empty() && !b.empty()) {
+        normalize_block<true, true, kStream>(xr, cols, mean, rstd, wp, bp, yr);
+      } else if (!w.empty()) {
+        normalize_block<true, false, kStream>(xr, cols, mean, rstd, wp, bp, yr);
+      } else if (!b.empty()) {
+        normalize_block<false, true, kStream>(xr, cols, mean, rstd, wp, bp, yr);
+      } else {
+        normalize_block<false, false, kStream>(xr, cols, mean, rstd, wp, bp, yr);
+      }
+    };
+    at::parallel_for(0, p.rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = x + r * p.x_row_stride;
+        if (r + 1 < r1) prefetch_row(xr + p.x_row_stride, cols);
+        Moments<A> m = moments_empty<A>();
+        for (int64_t c = 0; c < cols; c += kBlock)
+          m = moments_merge(m, block_moments(xr + c, std::min(kBlock, cols - c)));
+        const A rstd = moments_rstd(m, p.eps);
+        mean_out[r] = m.mean;
+        rstd_out[r] = rstd;
+        normalize(xr, y + r * p.y_row_stride, m.mean, rstd);
+      }
+      if constexpr (kStream) sfence();
+    });
   });
 }
 
@@ -138,30 +143,30 @@ inline void grad_sums(const T* __restrict x, const T* __restrict dy, const A* __
 }
 
 // dx of a row, and (kPartial) dy*xhat and dy added to the partial dweight/dbias rows.
-template <bool kWeight, bool kPartial, typename T, typename A>
+template <bool kWeight, bool kPartial, bool kStream, typename T, typename A>
 inline void dx_row(const T* __restrict x, const T* __restrict dy, const A* __restrict w, int64_t n, A mean, A rstd,
                    A c1, A c2, T* __restrict dx, A* __restrict pw, A* __restrict pb) {
-  constexpr int64_t L = kLanes<A>;
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    const vec_t<A> d = load_vec(dy + i);
-    const vec_t<A> xhat = (load_vec(x + i) - mean) * rstd;
-    const vec_t<A> g = kWeight ? d * loadu(w + i) : d;
-    store_vec(dx + i, rstd * (g - c2 - xhat * c1));  // layer_norm_dx, lane-wise
-    if constexpr (kPartial) {
-      store_vec(pw + i, loadu(pw + i) + d * xhat);
-      store_vec(pb + i, loadu(pb + i) + d);
-    }
-  }
-  for (; i < n; ++i) {
-    const A d = to_acc<A>(dy[i]);
-    const A xhat = (to_acc<A>(x[i]) - mean) * rstd;
-    dx[i] = from_acc<T>(layer_norm_dx(kWeight ? d * w[i] : d, xhat, rstd, c1, c2));
-    if constexpr (kPartial) {
-      pw[i] += d * xhat;
-      pb[i] += d;
-    }
-  }
+  store_loop<kStream>(
+      dx, n,
+      [&](int64_t i) {
+        const vec_t<A> d = load_vec(dy + i);
+        const vec_t<A> xhat = (load_vec(x + i) - mean) * rstd;
+        const vec_t<A> g = kWeight ? d * loadu(w + i) : d;
+        if constexpr (kPartial) {
+          store_vec(pw + i, loadu(pw + i) + d * xhat);
+          store_vec(pb + i, loadu(pb + i) + d);
+        }
+        return rstd * (g - c2 - xhat * c1);  // layer_norm_dx, lane-wise
+      },
+      [&](int64_t i) {
+        const A d = to_acc<A>(dy[i]);
+        const A xhat = (to_acc<A>(x[i]) - mean) * rstd;
+        if constexpr (kPartial) {
+          pw[i] += d * xhat;
+          pb[i] += d;
+        }
+        return layer_norm_dx(kWeight ? d * w[i] : d, xhat, rstd, c1, c2);
+      });
 }
 
 template <typename T, typename W>
@@ -185,31 +190,36 @@ void backward(const LayerNormBwdParams& p) {
   std::vector<A> partial((want_dw || want_db) ? groups * 2 * cols : 0, A(0));
   const A inv_cols = A(1) / static_cast<A>(cols);
 
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      A* pw = partial.empty() ? nullptr : partial.data() + g * 2 * cols;
-      A* pb = pw ? pw + cols : nullptr;
-      const int64_t r_end = rows * (g + 1) / groups;
-      for (int64_t r = rows * g / groups; r < r_end; ++r) {
-        const T* xr = x + r * p.x_row_stride;
-        const T* dyr = dy + r * p.dy_row_stride;
-        const A mean = mean_in[r], rstd = rstd_in[r];
-        A sum_g = 0, sum_gx = 0;
-        grad_sums(xr, dyr, wp, cols, mean, sum_g, sum_gx);
-        const A c1 = sum_gx * rstd * inv_cols;  // mean of g * xhat
-        const A c2 = sum_g * inv_cols;          // mean of g
-        T* dxr = dx + r * p.dx_row_stride;
-        if (pw && wp) {
-          dx_row<true, true>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
-        } else if (pw) {
-          dx_row<false, true>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
-        } else if (wp) {
-          dx_row<true, false>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
-        } else {
-          dx_row<false, false>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
+  const int64_t bytes = rows * cols * 3 * static_cast<int64_t>(sizeof(T));
+  with_flag(stream_output(bytes), [&](auto stream) {
+    constexpr bool kStream = decltype(stream)::value;
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        A* pw = partial.empty() ? nullptr : partial.data() + g * 2 * cols;
+        A* pb = pw ? pw + cols : nullptr;
+        const int64_t r_end = rows * (g + 1) / groups;
+        for (int64_t r = rows * g / groups; r < r_end; ++r) {
+          const T* xr = x + r * p.x_row_stride;
+          const T* dyr = dy + r * p.dy_row_stride;
+          const A mean = mean_in[r], rstd = rstd_in[r];
+          A sum_g = 0, sum_gx = 0;
+          grad_sums(xr, dyr, wp, cols, mean, sum_g, sum_gx);
+          const A c1 = sum_gx * rstd * inv_cols;  // mean of g * xhat
+          const A c2 = sum_g * inv_cols;          // mean of g
+          T* dxr = dx + r * p.dx_row_stride;
+          if (pw && wp) {
+            dx_row<true, true, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
+          } else if (pw) {
+            dx_row<false, true, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
+          } else if (wp) {
+            dx_row<true, false, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
+          } else {
+            dx_row<false, false, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
+          }
         }
       }
-    }
+      if constexpr (kStream) sfence();
+    });
   });
 
   if (!want_dw && !want_db) return;
