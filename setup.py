@@ -81,7 +81,7 @@ if cuda_home:
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 # No FMA contraction: every ISA build rounds the same way (and dx is exactly 0 where it should be).
-# -Wno-psabi: 64-byte vector values only cross inline functions inside one ISA build.
+# -Wno-psabi: vector values (as wide as the ISA's registers) only cross inline functions inside one ISA build.
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi"]
 sources = sorted(glob.glob("csrc/bindings/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
 if cuda_home:

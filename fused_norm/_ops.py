@@ -10,12 +10,12 @@ ops = torch.ops.fused_norm
 
 
 def cpu_capability() -> str:
-    """Instruction set the CPU kernels run with: 'avx512', 'avx2' or 'baseline'."""
+    """Instruction set the CPU kernels run with: 'avx512bf16', 'avx512', 'avx2' or 'baseline'."""
     return _C.get_cpu_capability()
 
 
 def set_cpu_capability(name: str) -> None:
-    """Run the CPU kernels with a narrower instruction set ('avx2', 'baseline'), e.g. to
+    """Run the CPU kernels with a narrower instruction set ('avx512', 'avx2', 'baseline'), e.g. to
     test or compare them. Raises ValueError if this processor does not support it.
     The environment variable FUSED_NORM_CPU_CAPABILITY sets the initial choice."""
     _C.set_cpu_capability(name)

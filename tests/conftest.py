@@ -18,7 +18,7 @@ def cpu_capabilities():
     """The CPU instruction sets this processor can run our kernels with."""
     current = fused_norm.cpu_capability()
     out = []
-    for cap in ("baseline", "avx2", "avx512"):
+    for cap in ("baseline", "avx2", "avx512", "avx512bf16"):
         try:
             fused_norm.set_cpu_capability(cap)
             out.append(cap)

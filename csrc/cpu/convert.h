@@ -29,18 +29,22 @@ inline void dispatch_storage(DType x, DType w, F&& f) {
   }
 }
 
-// Sums use explicit 64-byte vectors (GCC/Clang vector extensions; the compiler maps
-// them onto SSE2, AVX2 or AVX-512 registers of the build's ISA) with two independent
-// accumulators, then fold the lanes in a fixed order, so sums are reproducible.
+// Kernels compute in explicit vectors of the build's register width: 64 bytes for
+// AVX-512, 32 for AVX2, 16 for SSE2 (GCC/Clang vector extensions). Wider vectors than
+// the registers would compute just as well, but GCC stores them through the stack.
+// Sums use two independent accumulators, then fold the lanes in a fixed order, so they
+// are reproducible (for one instruction set: the lane count sets the summation order).
+constexpr int kVecBytes = FN_VEC_BYTES;
+
 template <typename A>
 struct Vec;
 template <>
 struct Vec<float> {
-  using type = float __attribute__((vector_size(64)));
+  using type = float __attribute__((vector_size(kVecBytes)));
 };
 template <>
 struct Vec<double> {
-  using type = double __attribute__((vector_size(64)));
+  using type = double __attribute__((vector_size(kVecBytes)));
 };
 template <typename A>
 using vec_t = typename Vec<A>::type;

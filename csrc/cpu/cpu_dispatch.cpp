@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <string>
 
 #include "prelude.h"
@@ -14,6 +15,7 @@ namespace fused_norm {
 extern const CpuKernels kernels_baseline;
 extern const CpuKernels kernels_avx2;
 extern const CpuKernels kernels_avx512;
+extern const CpuKernels kernels_avx512bf16;
 
 namespace {
 
@@ -30,9 +32,11 @@ bool has_avx512() {
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
+bool has_avx512bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 
 // Widest first.
 const Capability kCapabilities[] = {
+    {"avx512bf16", &kernels_avx512bf16, has_avx512bf16},
     {"avx512", &kernels_avx512, has_avx512},
     {"avx2", &kernels_avx2, has_avx2},
     {"baseline", &kernels_baseline, [] { return true; }},
@@ -51,7 +55,7 @@ const Capability* initial() {
   }
   for (const Capability& c : kCapabilities)
     if (c.supported()) return &c;
-  return &kCapabilities[2];
+  return &kCapabilities[std::size(kCapabilities) - 1];  // baseline
 }
 
 std::atomic<const Capability*>& active() {

@@ -16,7 +16,8 @@ void batch_norm_stats_cpu(const BatchNormFwdParams& p);
 void batch_norm_bwd_reduce_cpu(const BatchNormBwdParams& p);
 void batch_norm_bwd_elemt_cpu(const BatchNormBwdParams& p);
 
-// "baseline" (x86-64 SSE2), "avx2" (AVX2+FMA+F16C) or "avx512" (F/BW/VL/DQ).
+// "baseline" (x86-64 SSE2), "avx2" (AVX2+FMA+F16C), "avx512" (F/BW/VL/DQ) or
+// "avx512bf16" (avx512 and AVX512_BF16).
 const char* cpu_capability();
 // Selects a capability (for tests and benchmarks); returns false if the processor
 // lacks it or the name is unknown.

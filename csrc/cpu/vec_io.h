@@ -1,10 +1,11 @@
 // Vector loads and stores that convert between a storage type T and its accumulation
-// type's 64-byte vector (vec_t<acc_t<T>>) in registers, so kernels need no widened
-// copy of their data. n-element scalar tails use to_acc / from_acc.
+// type's vector (vec_t<acc_t<T>>) in registers, so kernels need no widened copy of their
+// data. n-element scalar tails use to_acc / from_acc.
 #pragma once
 
-using u16x16 = uint16_t __attribute__((vector_size(32)));
-using u32x16 = uint32_t __attribute__((vector_size(64)));
+// kLanes<float> 16- and 32-bit lanes.
+using u16xL = uint16_t __attribute__((vector_size(kVecBytes / 2)));
+using u32xL = uint32_t __attribute__((vector_size(kVecBytes)));
 
 template <typename A>
 inline vec_t<A> load_vec(const A* p) {
@@ -12,9 +13,9 @@ inline vec_t<A> load_vec(const A* p) {
 }
 
 inline vec_t<float> load_vec(const BFloat16* p) {
-  u16x16 h;
+  u16xL h;
   std::memcpy(&h, p, sizeof(h));
-  const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+  const u32xL bits = __builtin_convertvector(h, u32xL) << 16;
   vec_t<float> v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
@@ -22,11 +23,11 @@ inline vec_t<float> load_vec(const BFloat16* p) {
 
 inline vec_t<float> load_vec(const Half* p) {
   vec_t<float> v;
-#if defined(__F16C__) && defined(__AVX__)
-  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + 1));
-  std::memcpy(&v, &lo, sizeof(lo));
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+#if FN_F16C
+  for (int64_t k = 0; k < kLanes<float>; k += 8) {
+    const __m256 part = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k)));
+    std::memcpy(reinterpret_cast<char*>(&v) + k * sizeof(float), &part, sizeof(part));
+  }
 #else
   for (int64_t l = 0; l < kLanes<float>; ++l) v[l] = static_cast<float>(p[l]);
 #endif
@@ -34,29 +35,43 @@ inline vec_t<float> load_vec(const Half* p) {
 }
 
 // A vector of accumulation values in its storage format: the same vector for float and
-// double, 16 rounded 16-bit values for bfloat16 and half.
+// double, its lanes rounded to 16-bit values for bfloat16 and half.
 template <typename A>
 inline vec_t<A> to_storage(A*, vec_t<A> v) {
   return v;
 }
 
-// Round to nearest even; NaN stays a (quiet) NaN.
-inline u16x16 to_storage(BFloat16*, vec_t<float> v) {
-  u32x16 bits;
+// Round to nearest even; NaN stays a (quiet) NaN: 0x7FC0, as c10::BFloat16 gives.
+inline u16xL to_storage(BFloat16*, vec_t<float> v) {
+#if FN_AVX512BF16
+  // One instruction, which rounds the same way except that it flushes denormals to zero
+  // and keeps NaN payloads: vectors holding either (rare) take the exact path below.
+  __m512 f;
+  std::memcpy(&f, &v, sizeof(f));
+  constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // quiet NaN, denormal, signaling NaN
+  if (__builtin_expect(_mm512_fpclass_ps_mask(f, kNanOrDenormal) == 0, 1)) {
+    const __m256bh h = _mm512_cvtneps_pbh(f);
+    u16xL out;
+    std::memcpy(&out, &h, sizeof(out));
+    return out;
+  }
+#endif
+  u32xL bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  const u32x16 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const u32x16 nan = (u32x16)((bits & 0x7FFFFFFFu) > 0x7F800000u);  // all ones where NaN
-  return __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), u16x16);
+  const u32xL rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const u32xL nan = (u32xL)((bits & 0x7FFFFFFFu) > 0x7F800000u);  // all ones where NaN
+  return __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), u16xL);
 }
 
-inline u16x16 to_storage(Half*, vec_t<float> v) {
-  u16x16 h;
-#if defined(__F16C__) && defined(__AVX__)
-  __m256 lo, hi;
-  std::memcpy(&lo, &v, sizeof(lo));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-  const __m128i parts[2] = {_mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT), _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT)};
-  std::memcpy(&h, parts, sizeof(h));
+inline u16xL to_storage(Half*, vec_t<float> v) {
+  u16xL h;
+#if FN_F16C
+  for (int64_t k = 0; k < kLanes<float>; k += 8) {
+    __m256 part;
+    std::memcpy(&part, reinterpret_cast<const char*>(&v) + k * sizeof(float), sizeof(part));
+    const __m128i rounded = _mm256_cvtps_ph(part, _MM_FROUND_TO_NEAREST_INT);
+    std::memcpy(reinterpret_cast<char*>(&h) + k * sizeof(uint16_t), &rounded, sizeof(rounded));
+  }
 #else
   Half out[kLanes<float>];
   for (int64_t l = 0; l < kLanes<float>; ++l) out[l] = static_cast<Half>(v[l]);
@@ -79,9 +94,9 @@ constexpr int64_t kStreamAlign = 64;
 
 template <typename V>
 inline void stream_bytes(void* p, const V& v) {
-  static_assert(sizeof(V) % 16 == 0, "streamed in 16-byte pieces or wider");
-#if defined(__x86_64__) || defined(__i386__)
-#if defined(__AVX512F__)
+  static_assert(sizeof(V) % 8 == 0, "streamed in 8-byte pieces or wider");
+#if defined(__x86_64__)
+#if FN_VEC_BYTES >= 64
   if constexpr (sizeof(V) % 64 == 0) {
     for (size_t k = 0; k < sizeof(V); k += 64) {
       __m512i piece;
@@ -91,7 +106,7 @@ inline void stream_bytes(void* p, const V& v) {
     return;
   }
 #endif
-#if defined(__AVX__)
+#if FN_VEC_BYTES >= 32
   if constexpr (sizeof(V) % 32 == 0) {
     for (size_t k = 0; k < sizeof(V); k += 32) {
       __m256i piece;
@@ -101,10 +116,18 @@ inline void stream_bytes(void* p, const V& v) {
     return;
   }
 #endif
-  for (size_t k = 0; k < sizeof(V); k += 16) {
-    __m128i piece;
-    std::memcpy(&piece, reinterpret_cast<const char*>(&v) + k, 16);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(p) + k), piece);
+  if constexpr (sizeof(V) % 16 == 0) {
+    for (size_t k = 0; k < sizeof(V); k += 16) {
+      __m128i piece;
+      std::memcpy(&piece, reinterpret_cast<const char*>(&v) + k, 16);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(p) + k), piece);
+    }
+    return;
+  }
+  for (size_t k = 0; k < sizeof(V); k += 8) {  // SSE2 bfloat16/half: 4 lanes
+    long long piece;
+    std::memcpy(&piece, reinterpret_cast<const char*>(&v) + k, 8);
+    _mm_stream_si64(reinterpret_cast<long long*>(static_cast<char*>(p) + k), piece);
   }
 #else
   std::memcpy(p, &v, sizeof(v));
@@ -112,7 +135,7 @@ inline void stream_bytes(void* p, const V& v) {
 }
 
 inline void sfence() {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
   _mm_sfence();
 #endif
 }
@@ -133,8 +156,8 @@ inline bool stream_output(int64_t bytes) { return bytes > stream_threshold_bytes
 // out[i] for i in [0, n): vec(i) gives the accumulation values of elements i..i+L-1,
 // scalar(i) that of element i alone (the same arithmetic, lane by lane). With kStream,
 // the elements before the first 64-byte boundary of out are stored one by one and the
-// vectors after it bypass the caches (vectors then start on boundaries: L elements of T
-// are 32 or 64 bytes).
+// vectors after it bypass the caches (each then starts on a multiple of its own size:
+// L elements of T are 8 to 64 bytes, a power of two).
 template <bool kStream, typename T, typename FV, typename FS>
 inline void store_loop(T* __restrict out, int64_t n, FV&& vec, FS&& scalar) {
   constexpr int64_t L = kLanes<acc_t<T>>;
