@@ -23,10 +23,11 @@ const char* cpu_capability();
 // lacks it or the name is unknown.
 bool set_cpu_capability(const char* name);
 
-// Outputs of a call whose memory footprint (bytes read and written) exceeds this many bytes
-// are written with non-temporal stores: they would not stay in cache anyway, and
-// bypassing it saves the read for ownership. Default: the size of the last-level cache
-// (sysconf; 32 MiB when unknown). Settable for tests (0: always; -1 restores the default).
+// Outputs of a call whose memory footprint (bytes read and written) is at least this many
+// bytes are written with non-temporal stores: they would not stay in cache with the
+// inputs anyway, and bypassing it saves the read for ownership. Default: the size of the
+// last-level cache (sysfs; 32 MiB when unknown). Settable for tests (0: always; -1
+// restores the default).
 int64_t stream_threshold_bytes();
 void set_stream_threshold_bytes(int64_t bytes);
 

@@ -151,7 +151,7 @@ inline void with_flag(bool b, F&& f) {
 }
 
 // Whether a call that reads and writes `bytes` should stream its output (kernels.h).
-inline bool stream_output(int64_t bytes) { return bytes > stream_threshold_bytes(); }
+inline bool stream_output(int64_t bytes) { return bytes >= stream_threshold_bytes(); }
 
 // out[i] for i in [0, n): vec(i) gives the accumulation values of elements i..i+L-1,
 // scalar(i) that of element i alone (the same arithmetic, lane by lane). With kStream,
