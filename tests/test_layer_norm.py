@@ -172,12 +172,27 @@ def test_opcheck(device, affine, dtype, wdtype):
     torch.library.opcheck(ops.layer_norm_bwd, (dy, x.detach(), [4, 40], mean, rstd, w, b))
 
 
-def test_deterministic(device):
-    x, w, b, dy = _inputs((3000, 96), (96,), torch.float32, torch.float32, device)
-    first = _run(fused_norm.layer_norm, x, (96,), w, b, dy)
-    second = _run(fused_norm.layer_norm, x, (96,), w, b, dy)
+@pytest.mark.parametrize("shape", [(3000, 96), (257, 1), (301, 1031), (64, 5000), (9, 70000)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_deterministic(device, shape):
+    """Two runs give the same bits, at widths taking each kernel tier (one row-group
+    reduction or many; rows within one block or over several)."""
+    x, w, b, dy = _inputs(shape, shape[-1:], torch.float32, torch.float32, device)
+    first = _run(fused_norm.layer_norm, x, shape[-1:], w, b, dy)
+    second = _run(fused_norm.layer_norm, x, shape[-1:], w, b, dy)
     for a, c in zip(first, second):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype,wdtype", DTYPES, ids=DTYPE_IDS)
+def test_statistics_dtype(device, dtype, wdtype):
+    """mean and rstd are float32 (float64 for float64 input), whatever the input and
+    parameter dtypes; the output has the input's dtype."""
+    x, w, b, _ = _inputs((4, 33), (33,), dtype, wdtype, device)
+    y, mean, rstd = ops.layer_norm_fwd(x, [33], w, b, 1e-5)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    assert y.dtype == dtype and mean.dtype == stat and rstd.dtype == stat
+    assert mean.shape == rstd.shape == (4, 1)
 
 
 class _Block(nn.Module):

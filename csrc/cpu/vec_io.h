@@ -12,12 +12,23 @@ inline vec_t<A> load_vec(const A* p) {
   return loadu(p);
 }
 
+// bfloat16 -> float: the 16 bits become the high half of the float's. With AVX-512 and
+// AVX2 the widening is spelled out: g++ splits a generic u16 -> u32 conversion of a
+// full register into halves (four instructions instead of one).
 inline vec_t<float> load_vec(const BFloat16* p) {
+  vec_t<float> v;
+#if FN_VEC_BYTES == 64
+  const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  std::memcpy(&v, &bits, sizeof(v));
+#elif FN_VEC_BYTES == 32
+  const __m256i bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  std::memcpy(&v, &bits, sizeof(v));
+#else
   u16xL h;
   std::memcpy(&h, p, sizeof(h));
   const u32xL bits = __builtin_convertvector(h, u32xL) << 16;
-  vec_t<float> v;
   std::memcpy(&v, &bits, sizeof(v));
+#endif
   return v;
 }
 
@@ -60,7 +71,17 @@ inline u16xL to_storage(BFloat16*, vec_t<float> v) {
   std::memcpy(&bits, &v, sizeof(bits));
   const u32xL rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   const u32xL nan = (u32xL)((bits & 0x7FFFFFFFu) > 0x7F800000u);  // all ones where NaN
-  return __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), u16xL);
+  const u32xL out = (rounded & ~nan) | (0x7FC0u & nan);
+#if FN_VEC_BYTES == 64
+  __m512i wide;  // one narrowing instruction (g++ splits the generic conversion)
+  std::memcpy(&wide, &out, sizeof(wide));
+  const __m256i narrow = _mm512_cvtepi32_epi16(wide);
+  u16xL h;
+  std::memcpy(&h, &narrow, sizeof(h));
+  return h;
+#else
+  return __builtin_convertvector(out, u16xL);
+#endif
 }
 
 inline u16xL to_storage(Half*, vec_t<float> v) {
