@@ -193,10 +193,7 @@ std::vector<Moments<double>> channel_moments(const BatchNormFwdParams& p) {
   if (p.layout == BatchNormLayout::kNCS) {
     const NcsRuns runs(p.N, C, p.S);
     std::vector<Moments<A>> part(runs.count());
-    runs.parallel([&](int64_t, int64_t off, int64_t len, int64_t r) {
-      const T* run = x + off;
-      part[r] = ln::block_moments<1>(&run, len)[0];
-    });
+    runs.parallel([&](int64_t, int64_t off, int64_t len, int64_t r) { part[r] = ln::block_moments(x + off, len); });
     for_channels(C, p.N * runs.per_plane, [&](int64_t c) {
       out[c] = merge_parts([&](auto&& f) {
         runs.channel_runs(c, [&](int64_t r) { f(part[r].count, part[r].mean, part[r].m2); });

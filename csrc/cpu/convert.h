@@ -64,30 +64,22 @@ inline A fold_lanes(vec_t<A> v, A tail) {
   return tail;
 }
 
-// For each of R independent sums (rows), sum_i f(r, i) for i in [0, n), where f(r, i)
-// returns a vector of lanes i..i+kLanes-1 for full vectors and fs(r, i) the scalar term
-// for the tail. Every sum is computed exactly as alone (two accumulators, the same fold);
-// computing R at once only interleaves their dependency chains.
-template <int R, typename A, typename F, typename FS>
-inline std::array<A, R> vec_sums(int64_t n, F&& f, FS&& fs) {
+// sum_i f(i) for i in [0, n), where f(i) returns a vector of lanes i..i+kLanes-1 for
+// full vectors and fs(i) the scalar term for the tail.
+template <typename A, typename F, typename FS>
+inline A vec_sum(int64_t n, F&& f, FS&& fs) {
   constexpr int64_t L = kLanes<A>;
-  vec_t<A> acc0[R] = {}, acc1[R] = {};
+  vec_t<A> acc0 = {}, acc1 = {};
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
-    for (int r = 0; r < R; ++r) {
-      acc0[r] += f(r, i);
-      acc1[r] += f(r, i + L);
-    }
+    acc0 += f(i);
+    acc1 += f(i + L);
   }
   if (i + L <= n) {
-    for (int r = 0; r < R; ++r) acc0[r] += f(r, i);
+    acc0 += f(i);
     i += L;
   }
-  std::array<A, R> out;
-  for (int r = 0; r < R; ++r) {
-    A tail = 0;
-    for (int64_t k = i; k < n; ++k) tail += fs(r, k);
-    out[r] = fold_lanes<A>(acc0[r] + acc1[r], tail);
-  }
-  return out;
+  A tail = 0;
+  for (; i < n; ++i) tail += fs(i);
+  return fold_lanes<A>(acc0 + acc1, tail);
 }

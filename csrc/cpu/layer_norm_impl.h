@@ -12,27 +12,24 @@
 
 namespace ln {
 
-// Exact moments of n values at each of xs[0..R) (two sweeps: the mean, then the squared
-// deviations), the R sets computed together (see vec_sums).
-template <int R, typename T>
-inline std::array<Moments<acc_t<T>>, R> block_moments(const T* const* xs, int64_t n) {
+// Exact moments of n values (two sweeps: the mean, then the squared deviations).
+template <typename T>
+inline Moments<acc_t<T>> block_moments(const T* x, int64_t n) {
   using A = acc_t<T>;
-  std::array<A, R> mean = vec_sums<R, A>(
-      n, [&](int r, int64_t i) { return load_vec(xs[r] + i); }, [&](int r, int64_t i) { return to_acc<A>(xs[r][i]); });
-  for (A& m : mean) m /= static_cast<A>(n);
-  const std::array<A, R> m2 = vec_sums<R, A>(
+  const A mean = vec_sum<A>(n, [&](int64_t i) { return load_vec(x + i); },
+                            [&](int64_t i) { return to_acc<A>(x[i]); }) /
+                 static_cast<A>(n);
+  const A m2 = vec_sum<A>(
       n,
-      [&](int r, int64_t i) {
-        const vec_t<A> d = load_vec(xs[r] + i) - mean[r];
+      [&](int64_t i) {
+        const vec_t<A> d = load_vec(x + i) - mean;
         return d * d;
       },
-      [&](int r, int64_t i) {
-        const A d = to_acc<A>(xs[r][i]) - mean[r];
+      [&](int64_t i) {
+        const A d = to_acc<A>(x[i]) - mean;
         return d * d;
       });
-  std::array<Moments<A>, R> out;
-  for (int r = 0; r < R; ++r) out[r] = Moments<A>{static_cast<A>(n), mean[r], m2[r]};
-  return out;
+  return Moments<A>{static_cast<A>(n), mean, m2};
 }
 
 // y = (x - mean) * rstd [* w] [+ b] for n values (kStream: see store_loop).
@@ -106,36 +103,18 @@ void forward(const LayerNormFwdParams& p) {
         normalize_block<false, false, kStream>(xr, cols, mean, rstd, wp, bp, yr);
       }
     };
-    // Rows in pairs: the two rows' moments are computed together, which hides the
-    // latency of their sums' dependency chains (each row's arithmetic is unchanged).
-    auto rows = [&](auto group, int64_t r) {
-      constexpr int R = decltype(group)::value;
-      std::array<const T*, R> xr;
-      std::array<Moments<A>, R> m;
-      for (int k = 0; k < R; ++k) {
-        xr[k] = x + (r + k) * p.x_row_stride;
-        m[k] = moments_empty<A>();
-      }
-      for (int64_t c = 0; c < cols; c += kBlock) {
-        std::array<const T*, R> xc;
-        for (int k = 0; k < R; ++k) xc[k] = xr[k] + c;
-        const std::array<Moments<A>, R> part = block_moments<R>(xc.data(), std::min(kBlock, cols - c));
-        for (int k = 0; k < R; ++k) m[k] = moments_merge(m[k], part[k]);
-      }
-      for (int k = 0; k < R; ++k) {
-        const A rstd = moments_rstd(m[k], p.eps);
-        mean_out[r + k] = m[k].mean;
-        rstd_out[r + k] = rstd;
-        normalize(xr[k], y + (r + k) * p.y_row_stride, m[k].mean, rstd);
-      }
-    };
     at::parallel_for(0, p.rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
-      int64_t r = r0;
-      for (; r + 2 <= r1; r += 2) {
-        for (int64_t k = 2; k < 4 && r + k < r1; ++k) prefetch_row(x + (r + k) * p.x_row_stride, cols);
-        rows(std::integral_constant<int, 2>{}, r);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = x + r * p.x_row_stride;
+        if (r + 1 < r1) prefetch_row(xr + p.x_row_stride, cols);
+        Moments<A> m = moments_empty<A>();
+        for (int64_t c = 0; c < cols; c += kBlock)
+          m = moments_merge(m, block_moments(xr + c, std::min(kBlock, cols - c)));
+        const A rstd = moments_rstd(m, p.eps);
+        mean_out[r] = m.mean;
+        rstd_out[r] = rstd;
+        normalize(xr, y + r * p.y_row_stride, m.mean, rstd);
       }
-      if (r < r1) rows(std::integral_constant<int, 1>{}, r);
       if constexpr (kStream) sfence();
     });
   });
