@@ -113,42 +113,26 @@ inline void store_vec(T* p, vec_t<acc_t<T>> v) {
 // later ones (call it when the thread has written its part).
 constexpr int64_t kStreamAlign = 64;
 
+// The bytes of v (one vector: 8 to 64 bytes) as a register R, stored non-temporally by st.
+template <typename R, typename V, typename Store>
+inline void stream_as(void* p, const V& v, Store st) {
+  R r;
+  std::memcpy(&r, &v, sizeof(r));
+  st(static_cast<R*>(p), r);
+}
+
 template <typename V>
 inline void stream_bytes(void* p, const V& v) {
-  static_assert(sizeof(V) % 8 == 0, "streamed in 8-byte pieces or wider");
 #if defined(__x86_64__)
-#if FN_VEC_BYTES >= 64
-  if constexpr (sizeof(V) % 64 == 0) {
-    for (size_t k = 0; k < sizeof(V); k += 64) {
-      __m512i piece;
-      std::memcpy(&piece, reinterpret_cast<const char*>(&v) + k, 64);
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(static_cast<char*>(p) + k), piece);
-    }
-    return;
-  }
-#endif
-#if FN_VEC_BYTES >= 32
-  if constexpr (sizeof(V) % 32 == 0) {
-    for (size_t k = 0; k < sizeof(V); k += 32) {
-      __m256i piece;
-      std::memcpy(&piece, reinterpret_cast<const char*>(&v) + k, 32);
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<char*>(p) + k), piece);
-    }
-    return;
-  }
-#endif
-  if constexpr (sizeof(V) % 16 == 0) {
-    for (size_t k = 0; k < sizeof(V); k += 16) {
-      __m128i piece;
-      std::memcpy(&piece, reinterpret_cast<const char*>(&v) + k, 16);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(p) + k), piece);
-    }
-    return;
-  }
-  for (size_t k = 0; k < sizeof(V); k += 8) {  // SSE2 bfloat16/half: 4 lanes
-    long long piece;
-    std::memcpy(&piece, reinterpret_cast<const char*>(&v) + k, 8);
-    _mm_stream_si64(reinterpret_cast<long long*>(static_cast<char*>(p) + k), piece);
+  if constexpr (sizeof(V) == 64) {
+    stream_as<__m512i>(p, v, [](__m512i* d, __m512i r) { _mm512_stream_si512(d, r); });
+  } else if constexpr (sizeof(V) == 32) {
+    stream_as<__m256i>(p, v, [](__m256i* d, __m256i r) { _mm256_stream_si256(d, r); });
+  } else if constexpr (sizeof(V) == 16) {
+    stream_as<__m128i>(p, v, [](__m128i* d, __m128i r) { _mm_stream_si128(d, r); });
+  } else {
+    static_assert(sizeof(V) == 8, "one vector of 8 to 64 bytes");  // SSE2 bfloat16/half: 4 lanes
+    stream_as<long long>(p, v, [](long long* d, long long r) { _mm_stream_si64(d, r); });
   }
 #else
   std::memcpy(p, &v, sizeof(v));
