@@ -30,17 +30,20 @@ struct NcsRuns {
   NcsRuns(int64_t n, int64_t c, int64_t s) : N(n), C(c), S(s), per_plane((s + kBlock - 1) / kBlock) {}
   int64_t count() const { return N * C * per_plane; }
   int64_t index(int64_t n, int64_t c, int64_t k) const { return (n * C + c) * per_plane + k; }
-  // f(c, offset, len, run index) for every run, in parallel; done() after each task.
-  template <typename F, typename Done = void (*)()>
-  void parallel(F&& f, Done done = [] {}) const {
-    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::min(S, kBlock));
-    at::parallel_for(0, count(), grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t plane = r / per_plane, s0 = (r % per_plane) * kBlock;
-        f(plane % C, plane * S + s0, std::min(kBlock, S - s0), r);
-      }
-      done();
-    });
+  // Runs per parallel task.
+  int64_t grain() const { return std::max<int64_t>(1, kGrainElems / std::min(S, kBlock)); }
+  // f(c, offset, len, run index) for runs [r0, r1).
+  template <typename F>
+  void runs(int64_t r0, int64_t r1, F&& f) const {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t plane = r / per_plane, s0 = (r % per_plane) * kBlock;
+      f(plane % C, plane * S + s0, std::min(kBlock, S - s0), r);
+    }
+  }
+  // f(c, offset, len, run index) for every run, in parallel.
+  template <typename F>
+  void parallel(F&& f) const {
+    at::parallel_for(0, count(), grain(), [&](int64_t r0, int64_t r1) { runs(r0, r1, f); });
   }
   // f(run index) over channel c's runs in a fixed order.
   template <typename F>
@@ -101,20 +104,16 @@ void for_channels(int64_t C, int64_t work_per_channel, F&& f) {
 // and writes `bytes` in all (stream_output).
 template <typename F>
 void for_each_run(int64_t N, int64_t C, int64_t S, BatchNormLayout layout, int64_t bytes, F&& f) {
-  with_flag(stream_output(bytes), [&](auto stream) {
-    auto done = [] {
-      if constexpr (decltype(stream)::value) sfence();
-    };
-    if (layout == BatchNormLayout::kNCS) {
-      NcsRuns(N, C, S).parallel([&](int64_t c, int64_t off, int64_t len, int64_t) { f(Step<0>{}, stream, off, c, len); },
-                                done);
-      return;
-    }
-    at::parallel_for(0, N * S, std::max<int64_t>(1, kGrainElems / C), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(Step<1>{}, stream, r * C + c0, c0, std::min(kBlock, C - c0));
-      done();
+  if (layout == BatchNormLayout::kNCS) {
+    const NcsRuns runs(N, C, S);
+    parallel_for_output(bytes, 0, runs.count(), runs.grain(), [&](auto stream, int64_t r0, int64_t r1) {
+      runs.runs(r0, r1, [&](int64_t c, int64_t off, int64_t len, int64_t) { f(Step<0>{}, stream, off, c, len); });
     });
+    return;
+  }
+  parallel_for_output(bytes, 0, N * S, std::max<int64_t>(1, kGrainElems / C), [&](auto stream, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(Step<1>{}, stream, r * C + c0, c0, std::min(kBlock, C - c0));
   });
 }
 

@@ -88,7 +88,7 @@ void forward(const LayerNormFwdParams& p) {
   const std::vector<A> w = widen_param<A, W>(p.weight, cols);
   const std::vector<A> b = widen_param<A, W>(p.bias, cols);
   const int64_t bytes = p.rows * cols * 2 * static_cast<int64_t>(sizeof(T));
-  with_flag(stream_output(bytes), [&](auto stream) {
+  parallel_for_output(bytes, 0, p.rows, row_grain(cols), [&](auto stream, int64_t r0, int64_t r1) {
     constexpr bool kStream = decltype(stream)::value;
     auto normalize = [&](const T* xr, T* yr, A mean, A rstd) {
       const A* wp = w.data();
@@ -103,20 +103,16 @@ void forward(const LayerNormFwdParams& p) {
         normalize_block<false, false, kStream>(xr, cols, mean, rstd, wp, bp, yr);
       }
     };
-    at::parallel_for(0, p.rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* xr = x + r * p.x_row_stride;
-        if (r + 1 < r1) prefetch_row(xr + p.x_row_stride, cols);
-        Moments<A> m = moments_empty<A>();
-        for (int64_t c = 0; c < cols; c += kBlock)
-          m = moments_merge(m, block_moments(xr + c, std::min(kBlock, cols - c)));
-        const A rstd = moments_rstd(m, p.eps);
-        mean_out[r] = m.mean;
-        rstd_out[r] = rstd;
-        normalize(xr, y + r * p.y_row_stride, m.mean, rstd);
-      }
-      if constexpr (kStream) sfence();
-    });
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * p.x_row_stride;
+      if (r + 1 < r1) prefetch_row(xr + p.x_row_stride, cols);
+      Moments<A> m = moments_empty<A>();
+      for (int64_t c = 0; c < cols; c += kBlock) m = moments_merge(m, block_moments(xr + c, std::min(kBlock, cols - c)));
+      const A rstd = moments_rstd(m, p.eps);
+      mean_out[r] = m.mean;
+      rstd_out[r] = rstd;
+      normalize(xr, y + r * p.y_row_stride, m.mean, rstd);
+    }
   });
 }
 
@@ -191,35 +187,32 @@ void backward(const LayerNormBwdParams& p) {
   const A inv_cols = A(1) / static_cast<A>(cols);
 
   const int64_t bytes = rows * cols * 3 * static_cast<int64_t>(sizeof(T));
-  with_flag(stream_output(bytes), [&](auto stream) {
+  parallel_for_output(bytes, 0, groups, 1, [&](auto stream, int64_t g0, int64_t g1) {
     constexpr bool kStream = decltype(stream)::value;
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) {
-        A* pw = partial.empty() ? nullptr : partial.data() + g * 2 * cols;
-        A* pb = pw ? pw + cols : nullptr;
-        const int64_t r_end = rows * (g + 1) / groups;
-        for (int64_t r = rows * g / groups; r < r_end; ++r) {
-          const T* xr = x + r * p.x_row_stride;
-          const T* dyr = dy + r * p.dy_row_stride;
-          const A mean = mean_in[r], rstd = rstd_in[r];
-          A sum_g = 0, sum_gx = 0;
-          grad_sums(xr, dyr, wp, cols, mean, sum_g, sum_gx);
-          const A c1 = sum_gx * rstd * inv_cols;  // mean of g * xhat
-          const A c2 = sum_g * inv_cols;          // mean of g
-          T* dxr = dx + r * p.dx_row_stride;
-          if (pw && wp) {
-            dx_row<true, true, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
-          } else if (pw) {
-            dx_row<false, true, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
-          } else if (wp) {
-            dx_row<true, false, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
-          } else {
-            dx_row<false, false, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
-          }
+    for (int64_t g = g0; g < g1; ++g) {
+      A* pw = partial.empty() ? nullptr : partial.data() + g * 2 * cols;
+      A* pb = pw ? pw + cols : nullptr;
+      const int64_t r_end = rows * (g + 1) / groups;
+      for (int64_t r = rows * g / groups; r < r_end; ++r) {
+        const T* xr = x + r * p.x_row_stride;
+        const T* dyr = dy + r * p.dy_row_stride;
+        const A mean = mean_in[r], rstd = rstd_in[r];
+        A sum_g = 0, sum_gx = 0;
+        grad_sums(xr, dyr, wp, cols, mean, sum_g, sum_gx);
+        const A c1 = sum_gx * rstd * inv_cols;  // mean of g * xhat
+        const A c2 = sum_g * inv_cols;          // mean of g
+        T* dxr = dx + r * p.dx_row_stride;
+        if (pw && wp) {
+          dx_row<true, true, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
+        } else if (pw) {
+          dx_row<false, true, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
+        } else if (wp) {
+          dx_row<true, false, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
+        } else {
+          dx_row<false, false, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, pw, pb);
         }
       }
-      if constexpr (kStream) sfence();
-    });
+    }
   });
 
   if (!want_dw && !want_db) return;

@@ -145,18 +145,26 @@ inline void sfence() {
 #endif
 }
 
-// Calls f(std::bool_constant<b>{}) for a run-time b, to make a flag a template argument.
-template <typename F>
-inline void with_flag(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 // Whether a call that reads and writes `bytes` should stream its output (kernels.h).
 inline bool stream_output(int64_t bytes) { return bytes >= stream_threshold_bytes(); }
+
+// at::parallel_for(begin, end, grain) for a call that reads and writes `bytes`: each task
+// runs f(stream, r0, r1), stream being std::bool_constant<stream_output(bytes)> (for
+// store_loop<decltype(stream)::value>), and ends with sfence() when streaming.
+template <typename F>
+inline void parallel_for_output(int64_t bytes, int64_t begin, int64_t end, int64_t grain, F&& f) {
+  auto run = [&](auto stream) {
+    at::parallel_for(begin, end, grain, [&](int64_t r0, int64_t r1) {
+      f(stream, r0, r1);
+      if constexpr (decltype(stream)::value) sfence();
+    });
+  };
+  if (stream_output(bytes)) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
+  }
+}
 
 // out[i] for i in [0, n): vec(i) gives the accumulation values of elements i..i+L-1,
 // scalar(i) that of element i alone (the same arithmetic, lane by lane). With kStream,
