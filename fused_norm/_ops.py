@@ -1,5 +1,9 @@
 """Definitions around the C++ ops: fake (meta) kernels for tracing, autograd formulas
-and autocast behaviour. Importing this module loads the compiled library."""
+and autocast behaviour. Importing this module loads the compiled library.
+
+The autograd of the two forward ops (layer_norm_fwd, batch_norm_fwd) is registered in
+C++ (csrc/bindings/autograd.cpp), as a Python autograd kernel costs more than the kernel
+itself at small shapes; their backward ops' autograd (the double backward) is here."""
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -62,26 +66,6 @@ def _layer_norm_bwd_fake(grad_out, input, normalized_shape, mean, rstd, weight, 
     return dx, dw, db
 
 
-def _layer_norm_setup_context(ctx, inputs, output):
-    input, normalized_shape, weight, bias, _eps = inputs
-    _y, mean, rstd = output
-    ctx.normalized_shape = normalized_shape
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(input, weight, bias, mean, rstd)
-
-
-def _layer_norm_backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    input, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dw, db = ops.layer_norm_bwd(grad_y, input, ctx.normalized_shape, mean, rstd, weight, bias)
-    return (
-        dx if ctx.needs_input_grad[0] else None,
-        None,
-        dw if weight is not None and ctx.needs_input_grad[2] else None,
-        db if bias is not None and ctx.needs_input_grad[3] else None,
-        None,
-    )
-
-
 def _layer_norm_bwd_setup_context(ctx, inputs, output):
     grad_out, input, normalized_shape, _mean, rstd, weight, bias = inputs
     ctx.normalized_shape = normalized_shape
@@ -124,9 +108,6 @@ def _layer_norm_double_backward(ctx, grad_dx, grad_dw, grad_db):
     return d_grad_out, d_input, None, None, None, d_weight, None
 
 
-torch.library.register_autograd(
-    "fused_norm::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup_context
-)
 torch.library.register_autograd(
     "fused_norm::layer_norm_bwd", _layer_norm_double_backward, setup_context=_layer_norm_bwd_setup_context
 )
@@ -182,25 +163,6 @@ def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, 
     return dx, dw, db
 
 
-def _batch_norm_setup_context(ctx, inputs, output):
-    input, weight, bias, _rm, _rv, _nbt, training, _momentum, _eps = inputs
-    _y, save_mean, save_invstd, new_mean, new_var = output
-    ctx.training = training
-    ctx.mark_non_differentiable(save_mean, save_invstd, new_mean, new_var)
-    ctx.save_for_backward(input, weight, bias, save_mean, save_invstd)
-
-
-def _batch_norm_backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_new_mean, _grad_new_var):
-    input, weight, bias, save_mean, save_invstd = ctx.saved_tensors
-    dx, dw, db = ops.batch_norm_bwd(grad_y, input, weight, bias, save_mean, save_invstd, ctx.training)
-    return (
-        dx if ctx.needs_input_grad[0] else None,
-        dw if weight is not None and ctx.needs_input_grad[1] else None,
-        db if bias is not None and ctx.needs_input_grad[2] else None,
-        None, None, None, None, None, None,
-    )
-
-
 def _batch_norm_bwd_setup_context(ctx, inputs, output):
     grad_out, input, weight, bias, save_mean, save_invstd, training = inputs
     ctx.training = training
@@ -249,9 +211,6 @@ def _batch_norm_double_backward(ctx, grad_dx, grad_dw, grad_db):
     return d_grad_out, d_input, d_weight, None, None, None, None
 
 
-torch.library.register_autograd(
-    "fused_norm::batch_norm_fwd", _batch_norm_backward, setup_context=_batch_norm_setup_context
-)
 torch.library.register_autograd(
     "fused_norm::batch_norm_bwd", _batch_norm_double_backward, setup_context=_batch_norm_bwd_setup_context
 )
