@@ -86,6 +86,7 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
                                const OptTensor& weight, const OptTensor& bias, double eps) {
     auto out = as_list(call_below_autograd(layer_norm_fwd_op(), input, normalized_shape, weight, bias, eps));
     ctx->mark_non_differentiable({out[1], out[2]});
+    ctx->set_materialize_grads(false);  // no zero tensors for the statistics' (unused) gradients
     // normalized_shape is the input's trailing dims (checked by the op): keep their count.
     ctx->saved_data["k"] = static_cast<int64_t>(normalized_shape.size());
     ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor()), out[1], out[2]});
@@ -93,6 +94,7 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(5);  // y did not reach the loss
     const variable_list s = ctx->get_saved_variables();
     const Tensor& input = s[0];
     const int64_t k = ctx->saved_data["k"].toInt();
@@ -120,12 +122,14 @@ struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
     auto out = as_list(call_below_autograd(batch_norm_fwd_op(), input, weight, bias, running_mean,
                                                          running_var, num_batches_tracked, training, momentum, eps));
     ctx->mark_non_differentiable({out[1], out[2], out[3], out[4]});
+    ctx->set_materialize_grads(false);
     ctx->saved_data["training"] = training;
     ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor()), out[1], out[2]});
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(9);
     const variable_list s = ctx->get_saved_variables();
     variable_list g = wanted_grads(ctx, s,
                                    call_backward_op(batch_norm_bwd_op(), grads[0], s[0], optional(s[1]),

@@ -75,7 +75,7 @@ inline void prefetch_row(const T* row, int64_t cols) {
 }
 
 // Rows per parallel task: enough elements to amortize the task.
-inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 32768 / cols); }
+inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 8192 / cols); }
 
 template <typename T, typename W>
 void forward(const LayerNormFwdParams& p) {
@@ -182,7 +182,7 @@ void backward(const LayerNormBwdParams& p) {
   // is wanted). The grouping depends only on the shape and the thread count, so repeated
   // runs sum in the same order.
   const int64_t groups = std::max<int64_t>(
-      1, std::min({rows, static_cast<int64_t>(at::get_num_threads()), rows * cols / 32768}));
+      1, std::min({rows, static_cast<int64_t>(at::get_num_threads()), rows * cols / 8192}));
   std::vector<A> partial((want_dw || want_db) ? groups * 2 * cols : 0, A(0));
   const A inv_cols = A(1) / static_cast<A>(cols);
 
