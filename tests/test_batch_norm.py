@@ -33,6 +33,7 @@ SHAPES = [
     ((4, 5, 7), None),
     ((2, 3, 4100), None),
     ((2, 1, 3000), None),
+    ((5, 3, 700), None),  # short planes summed 2 at a time: a last group of 1
     ((5, 1), None),
     ((3, 5, 6, 7), None),
     ((3, 5, 6, 7), CL),

@@ -25,23 +25,36 @@ constexpr int64_t kGrainElems = 32768;
 template <int64_t kStep>
 using Step = std::integral_constant<int64_t, kStep>;
 
-// kNCS runs: plane (n, c) is cut into runs of at most kBlock values.
+// kNCS runs: plane (n, c) is cut into runs of at most kBlock values. For the reductions
+// (group_planes), a run of a short plane (fewer than kShortPlane values) also covers the
+// next planes of its channel ((n + 1, c), ...: `planes` of them, at most kBlock values in
+// all), so that short planes are summed and folded per group, not plane by plane: side by
+// side, BatchNorm2d bfloat16 8x2048x7x7 training forward 1.65x faster. Longer planes are
+// not grouped: their runs are then read in memory order, and grouping them (28x28,
+// 1x1024) measured 0.8x.
+constexpr int64_t kShortPlane = 256;
 struct NcsRuns {
-  int64_t N, C, S, per_plane;
-  NcsRuns(int64_t n, int64_t c, int64_t s) : N(n), C(c), S(s), per_plane((s + kBlock - 1) / kBlock) {}
-  int64_t count() const { return N * C * per_plane; }
-  int64_t index(int64_t n, int64_t c, int64_t k) const { return (n * C + c) * per_plane + k; }
+  int64_t N, C, S, per_plane, planes, plane_blocks;
+  NcsRuns(int64_t n, int64_t c, int64_t s, bool group_planes = false)
+      : N(n), C(c), S(s), per_plane((s + kBlock - 1) / kBlock),
+        planes(group_planes && s < kShortPlane ? std::min(n, kBlock / s) : 1),
+        plane_blocks((n + planes - 1) / planes) {}
+  int64_t count() const { return plane_blocks * C * per_plane; }
+  int64_t index(int64_t nb, int64_t c, int64_t k) const { return (nb * C + c) * per_plane + k; }
+  // Offset between a run's consecutive planes.
+  int64_t plane_stride() const { return C * S; }
   // Runs per parallel task.
-  int64_t grain() const { return std::max<int64_t>(1, kGrainElems / std::min(S, kBlock)); }
-  // f(c, offset, len, run index) for runs [r0, r1).
+  int64_t grain() const { return std::max<int64_t>(1, kGrainElems / (std::min(S, kBlock) * planes)); }
+  // f(c, offset, len, run index, planes in the run) for runs [r0, r1).
   template <typename F>
   void runs(int64_t r0, int64_t r1, F&& f) const {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t plane = r / per_plane, s0 = (r % per_plane) * kBlock;
-      f(plane % C, plane * S + s0, std::min(kBlock, S - s0), r);
+      const int64_t piece = r / per_plane, s0 = (r % per_plane) * kBlock;
+      const int64_t nb = piece / C, c = piece % C, n0 = nb * planes;
+      f(c, (n0 * C + c) * S + s0, std::min(kBlock, S - s0), r, std::min(planes, N - n0));
     }
   }
-  // f(c, offset, len, run index) for every run, in parallel.
+  // The same for every run, in parallel.
   template <typename F>
   void parallel(F&& f) const {
     at::parallel_for(0, count(), grain(), [&](int64_t r0, int64_t r1) { runs(r0, r1, f); });
@@ -49,8 +62,8 @@ struct NcsRuns {
   // f(run index) over channel c's runs in a fixed order.
   template <typename F>
   void channel_runs(int64_t c, F&& f) const {
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < per_plane; ++k) f(index(n, c, k));
+    for (int64_t nb = 0; nb < plane_blocks; ++nb)
+      for (int64_t k = 0; k < per_plane; ++k) f(index(nb, c, k));
   }
 };
 
@@ -108,7 +121,9 @@ void for_each_run(int64_t N, int64_t C, int64_t S, BatchNormLayout layout, int64
   if (layout == BatchNormLayout::kNCS) {
     const NcsRuns runs(N, C, S);
     parallel_for_output(bytes, 0, runs.count(), runs.grain(), [&](auto stream, int64_t r0, int64_t r1) {
-      runs.runs(r0, r1, [&](int64_t c, int64_t off, int64_t len, int64_t) { f(Step<0>{}, stream, off, c, len); });
+      runs.runs(r0, r1, [&](int64_t c, int64_t off, int64_t len, int64_t, int64_t) {
+        f(Step<0>{}, stream, off, c, len);
+      });
     });
     return;
   }
@@ -191,10 +206,12 @@ std::vector<Moments<double>> channel_moments(const BatchNormFwdParams& p) {
   const int64_t C = p.C;
   std::vector<Moments<double>> out(C);
   if (p.layout == BatchNormLayout::kNCS) {
-    const NcsRuns runs(p.N, C, p.S);
+    const NcsRuns runs(p.N, C, p.S, /*group_planes=*/true);
     std::vector<Moments<A>> part(runs.count());
-    runs.parallel([&](int64_t, int64_t off, int64_t len, int64_t r) { part[r] = ln::block_moments(x + off, len); });
-    for_channels(C, p.N * runs.per_plane, [&](int64_t c) {
+    runs.parallel([&](int64_t, int64_t off, int64_t len, int64_t r, int64_t np) {
+      part[r] = ln::runs_moments(x + off, np, runs.plane_stride(), len);
+    });
+    for_channels(C, runs.plane_blocks * runs.per_plane, [&](int64_t c) {
       out[c] = merge_parts([&](auto&& f) {
         runs.channel_runs(c, [&](int64_t r) { f(part[r].count, part[r].mean, part[r].m2); });
       });
@@ -335,34 +352,39 @@ constexpr int64_t kDoubleVecs = kLanes<A> / kLanes<double>;
 // conversion; a sum of 4 loses nothing that matters).
 constexpr int64_t kWidenGroup = 4;
 
-// sum dy and sum dy * (x - mean) over a run of one channel: products and groups of
-// kWidenGroup in A, sums in double lanes (long, cancelling sums stay as accurate as torch's).
+// sum dy and sum dy * (x - mean) over `runs` runs of n values of one channel (run r at
+// offset r * stride): products and groups of kWidenGroup in A, sums in double lanes (long,
+// cancelling sums stay as accurate as torch's), folded once at the end.
 template <typename T, typename A>
-inline void grad_sums_run(const T* __restrict x, const T* __restrict dy, int64_t n, A mean, double& sum_dy,
-                          double& sum_dyx) {
+inline void grad_sums_runs(const T* __restrict x, const T* __restrict dy, int64_t runs, int64_t stride, int64_t n,
+                           A mean, double& sum_dy, double& sum_dyx) {
   constexpr int64_t L = kLanes<A>, D = kDoubleVecs<A>;
   vec_t<double> s[D] = {}, sx[D] = {};
-  int64_t i = 0;
-  for (; i + kWidenGroup * L <= n; i += kWidenGroup * L) {
-    vec_t<A> gs = {}, ps = {};
-    for (int64_t q = 0; q < kWidenGroup; ++q) {
-      const vec_t<A> g = load_vec(dy + i + q * L);
-      gs += g;
-      ps += g * (load_vec(x + i + q * L) - mean);
-    }
-    add_lanes(s, gs);
-    add_lanes(sx, ps);
-  }
-  for (; i + L <= n; i += L) {
-    const vec_t<A> g = load_vec(dy + i);
-    add_lanes(s, g);
-    add_lanes(sx, g * (load_vec(x + i) - mean));
-  }
   double tail = 0, tail_x = 0;
-  for (; i < n; ++i) {
-    const A g = to_acc<A>(dy[i]);
-    tail += static_cast<double>(g);
-    tail_x += static_cast<double>(g * (to_acc<A>(x[i]) - mean));
+  for (int64_t run = 0; run < runs; ++run) {
+    const T* xr = x + run * stride;
+    const T* dyr = dy + run * stride;
+    int64_t i = 0;
+    for (; i + kWidenGroup * L <= n; i += kWidenGroup * L) {
+      vec_t<A> gs = {}, ps = {};
+      for (int64_t q = 0; q < kWidenGroup; ++q) {
+        const vec_t<A> g = load_vec(dyr + i + q * L);
+        gs += g;
+        ps += g * (load_vec(xr + i + q * L) - mean);
+      }
+      add_lanes(s, gs);
+      add_lanes(sx, ps);
+    }
+    for (; i + L <= n; i += L) {
+      const vec_t<A> g = load_vec(dyr + i);
+      add_lanes(s, g);
+      add_lanes(sx, g * (load_vec(xr + i) - mean));
+    }
+    for (; i < n; ++i) {
+      const A g = to_acc<A>(dyr[i]);
+      tail += static_cast<double>(g);
+      tail_x += static_cast<double>(g * (to_acc<A>(xr[i]) - mean));
+    }
   }
   for (int64_t j = 1; j < D; ++j) {
     s[0] += s[j];
@@ -475,12 +497,12 @@ void channel_grad_sums(const BatchNormBwdParams& p, std::vector<double>& sum_dy,
   const A* mean = static_cast<const A*>(p.mean);
   const int64_t C = p.C;
   if (p.layout == BatchNormLayout::kNCS) {
-    const NcsRuns runs(p.N, C, p.S);
+    const NcsRuns runs(p.N, C, p.S, /*group_planes=*/true);
     std::vector<double> part(2 * runs.count());
-    runs.parallel([&](int64_t c, int64_t off, int64_t len, int64_t r) {
-      grad_sums_run(x + off, dy + off, len, mean[c], part[2 * r], part[2 * r + 1]);
+    runs.parallel([&](int64_t c, int64_t off, int64_t len, int64_t r, int64_t np) {
+      grad_sums_runs(x + off, dy + off, np, runs.plane_stride(), len, mean[c], part[2 * r], part[2 * r + 1]);
     });
-    for_channels(C, p.N * runs.per_plane, [&](int64_t c) {
+    for_channels(C, runs.plane_blocks * runs.per_plane, [&](int64_t c) {
       double s = 0, sx = 0;
       runs.channel_runs(c, [&](int64_t r) {
         s += part[2 * r];

@@ -12,15 +12,17 @@
 
 namespace ln {
 
-// Exact moments of n values (two sweeps: the mean, then the squared deviations).
+// Exact moments of `runs` runs of n values, run r starting at x + r * stride (two sweeps:
+// the mean, then the squared deviations).
 template <typename T>
-inline Moments<acc_t<T>> block_moments(const T* x, int64_t n) {
+inline Moments<acc_t<T>> runs_moments(const T* x, int64_t runs, int64_t stride, int64_t n) {
   using A = acc_t<T>;
-  const A mean = vec_sum<A>(n, [&](int64_t i) { return load_vec(x + i); },
-                            [&](int64_t i) { return to_acc<A>(x[i]); }) /
-                 static_cast<A>(n);
-  const A m2 = vec_sum<A>(
-      n,
+  const A count = static_cast<A>(runs * n);
+  const A mean = vec_sum_runs<A>(runs, stride, n, [&](int64_t i) { return load_vec(x + i); },
+                                 [&](int64_t i) { return to_acc<A>(x[i]); }) /
+                 count;
+  const A m2 = vec_sum_runs<A>(
+      runs, stride, n,
       [&](int64_t i) {
         const vec_t<A> d = load_vec(x + i) - mean;
         return d * d;
@@ -29,7 +31,13 @@ inline Moments<acc_t<T>> block_moments(const T* x, int64_t n) {
         const A d = to_acc<A>(x[i]) - mean;
         return d * d;
       });
-  return Moments<A>{static_cast<A>(n), mean, m2};
+  return Moments<A>{count, mean, m2};
+}
+
+// Exact moments of n contiguous values.
+template <typename T>
+inline Moments<acc_t<T>> block_moments(const T* x, int64_t n) {
+  return runs_moments(x, 1, 0, n);
 }
 
 // y = (x - mean) * rstd [* w] [+ b] for n values (kStream: see store_loop).
