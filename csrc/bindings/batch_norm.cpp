@@ -355,7 +355,7 @@ at::Tensor batch_norm_bwd_elemt(const at::Tensor& grad_out, const at::Tensor& in
               "fused_norm::batch_norm_bwd_elemt: count must be a one-element int64 tensor on input's device, got ",
               count.sizes(), " ", count.scalar_type(), " on ", count.device());
   const Laid x = lay_out(input, shape);
-  at::Tensor dx = at::empty(input.sizes(), input.options().memory_format(x.format));
+  at::Tensor dx = empty_output(input.sizes(), input.options(), x.format);
   if (input.numel() == 0) return dx;
   const at::Tensor dy = grad_out.contiguous(x.format);
   const at::Tensor weight = contiguous_or_undefined(weight_opt);
