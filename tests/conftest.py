@@ -72,3 +72,24 @@ def assert_close_to_reference(ours, theirs, ref, dtype, what=""):
         raise AssertionError(
             f"{what}: {int(bad.sum())} elements further from fp64 than torch (+slack); first at {i}: "
             f"ours={ours[tuple(i)].item()} torch={theirs[tuple(i)].item()} ref={ref[tuple(i)].item()}")
+
+
+def assert_gradients_of_every_subset(ours, theirs, call, x, weight, bias, dy):
+    """For every subset of the given tensors among x, weight and bias (None: absent)
+    requiring grad (frozen parameters, a frozen input, none), call(fn, x, weight, bias)
+    with fn = ours and theirs gives outputs that require grad exactly when one of them
+    does, and the same gradients; under no_grad, no graph at all."""
+    given = [t for t in (x, weight, bias) if t is not None]
+    for mask in range(1 << len(given)):
+        grads = []
+        for fn in (ours, theirs):
+            leaves = iter([t.detach().clone().requires_grad_(bool(mask >> i & 1)) for i, t in enumerate(given)])
+            args = [next(leaves) if t is not None else None for t in (x, weight, bias)]
+            y = call(fn, *args)
+            assert y.requires_grad == bool(mask)
+            wanted = [t for t in args if t is not None and t.requires_grad]
+            grads.append(torch.autograd.grad(y, wanted, dy) if wanted else ())
+            with torch.no_grad():
+                assert not call(fn, *args).requires_grad
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b)

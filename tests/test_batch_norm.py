@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_norm
-from conftest import assert_close_to_reference, cpu_capabilities, ulp
+from conftest import assert_close_to_reference, assert_gradients_of_every_subset, cpu_capabilities, ulp
 
 ops = torch.ops.fused_norm
 
@@ -234,8 +234,6 @@ def test_empty_input(device):
                          ids=["wb", "w", "b", "none"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradients_of_any_subset(device, affine, training):
-    """Gradients of whichever of input/weight/bias require grad (frozen parameters, a
-    frozen input), as torch's; no graph at all when none does or under no_grad."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 5, generator=g, dtype=torch.float64).to(device)
     w = torch.randn(3, generator=g, dtype=torch.float64).to(device) if affine[0] else None
@@ -243,23 +241,8 @@ def test_gradients_of_any_subset(device, affine, training):
     dy = torch.randn(4, 3, 5, generator=g, dtype=torch.float64).to(device)
     rm = torch.randn(3, generator=g, dtype=torch.float64).to(device)
     rv = torch.rand(3, generator=g, dtype=torch.float64).to(device) + 0.5
-    given = [t for t in (x, w, b) if t is not None]
-    for mask in range(1 << len(given)):
-        grads = {}
-        for fn in (fused_norm.batch_norm, F.batch_norm):
-            leaves = [t.detach().clone().requires_grad_(bool(mask >> i & 1)) for i, t in enumerate(given)]
-            args = iter(leaves)
-            xx = next(args)
-            ww = next(args) if w is not None else None
-            bb = next(args) if b is not None else None
-            y = fn(xx, rm.clone(), rv.clone(), ww, bb, training)
-            assert y.requires_grad == bool(mask)
-            wanted = [t for t in leaves if t.requires_grad]
-            grads[fn] = torch.autograd.grad(y, wanted, dy) if wanted else ()
-            with torch.no_grad():
-                assert not fn(xx, rm.clone(), rv.clone(), ww, bb, training).requires_grad
-        for a, t in zip(grads[fused_norm.batch_norm], grads[F.batch_norm], strict=True):
-            torch.testing.assert_close(a, t)
+    assert_gradients_of_every_subset(fused_norm.batch_norm, F.batch_norm,
+                                     lambda fn, x, w, b: fn(x, rm.clone(), rv.clone(), w, b, training), x, w, b, dy)
 
 
 def test_gradcheck_and_gradgradcheck(device):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_norm
-from conftest import CUDA_OK, assert_close_to_reference, cpu_capabilities
+from conftest import CUDA_OK, assert_close_to_reference, assert_gradients_of_every_subset, cpu_capabilities
 
 ops = torch.ops.fused_norm
 
@@ -162,26 +162,9 @@ def test_gradcheck(device):
 @pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True), (False, False)],
                          ids=["wb", "w", "b", "none"])
 def test_gradients_of_any_subset(device, affine):
-    """Gradients of whichever of input/weight/bias require grad (frozen parameters, a
-    frozen input), as torch's; no graph at all when none does or under no_grad."""
     x, w, b, dy = _inputs((6, 2, 9), (2, 9), torch.float64, torch.float64, device, affine=affine)
-    given = [t for t in (x, w, b) if t is not None]
-    for mask in range(1 << len(given)):
-        grads = {}
-        for fn in (fused_norm.layer_norm, F.layer_norm):
-            leaves = [t.detach().clone().requires_grad_(bool(mask >> i & 1)) for i, t in enumerate(given)]
-            args = iter(leaves)
-            xx = next(args)
-            ww = next(args) if w is not None else None
-            bb = next(args) if b is not None else None
-            y = fn(xx, (2, 9), ww, bb, 1e-5)
-            assert y.requires_grad == bool(mask)
-            wanted = [t for t in leaves if t.requires_grad]
-            grads[fn] = torch.autograd.grad(y, wanted, dy) if wanted else ()
-            with torch.no_grad():
-                assert not fn(xx, (2, 9), ww, bb, 1e-5).requires_grad
-        for a, t in zip(grads[fused_norm.layer_norm], grads[F.layer_norm], strict=True):
-            torch.testing.assert_close(a, t)
+    assert_gradients_of_every_subset(fused_norm.layer_norm, F.layer_norm,
+                                     lambda fn, x, w, b: fn(x, (2, 9), w, b, 1e-5), x, w, b, dy)
 
 
 @pytest.mark.parametrize("dtype,wdtype", [DTYPES[0], DTYPES[4]], ids=["fp32", "bf16+fp32w"])
