@@ -27,26 +27,17 @@ using BatchNormFwd = Tensors5(const Tensor&, const OptTensor&, const OptTensor&,
 using BatchNormBwd = Tensors3(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
                               const Tensor&, bool);
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-// Looked up on first use (the schemas are registered by static initializers elsewhere).
-const auto& layer_norm_fwd_op() {
-  static const auto h = find_op<LayerNormFwd>("fused_norm::layer_norm_fwd");
-  return h;
-}
-const auto& layer_norm_bwd_op() {
-  static const auto h = find_op<LayerNormBwd>("fused_norm::layer_norm_bwd");
-  return h;
-}
-const auto& batch_norm_fwd_op() {
-  static const auto h = find_op<BatchNormFwd>("fused_norm::batch_norm_fwd");
-  return h;
-}
-const auto& batch_norm_bwd_op() {
-  static const auto h = find_op<BatchNormBwd>("fused_norm::batch_norm_bwd");
-  return h;
+constexpr char kLayerNormFwd[] = "fused_norm::layer_norm_fwd";
+constexpr char kLayerNormBwd[] = "fused_norm::layer_norm_bwd";
+constexpr char kBatchNormFwd[] = "fused_norm::batch_norm_fwd";
+constexpr char kBatchNormBwd[] = "fused_norm::batch_norm_bwd";
+
+// The op's handle, looked up on first use (the schemas are registered by static
+// initializers elsewhere).
+template <typename Sig, const char* kName>
+const c10::TypedOperatorHandle<Sig>& op() {
+  static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").typed<Sig>();
+  return handle;
 }
 
 // Calls the op's kernels below autograd (the forward, or a backward that records nothing).
@@ -65,6 +56,10 @@ auto call_backward_op(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
 }
 
 bool requires_grad(const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); }
+// Whether a call records a graph: grad mode on and a differentiable input requiring grad.
+bool records_graph(const Tensor& input, const OptTensor& weight, const OptTensor& bias) {
+  return at::GradMode::is_enabled() && (input.requires_grad() || requires_grad(weight) || requires_grad(bias));
+}
 OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
 
 // The gradients of input, weight and bias, each undefined unless wanted. weight and bias
@@ -84,7 +79,7 @@ variable_list as_list(const Tensors5& t) {
 struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, c10::SymIntArrayRef normalized_shape,
                                const OptTensor& weight, const OptTensor& bias, double eps) {
-    auto out = as_list(call_below_autograd(layer_norm_fwd_op(), input, normalized_shape, weight, bias, eps));
+    auto out = as_list(call_below_autograd(op<LayerNormFwd, kLayerNormFwd>(), input, normalized_shape, weight, bias, eps));
     ctx->mark_non_differentiable({out[1], out[2]});
     ctx->set_materialize_grads(false);  // no zero tensors for the statistics' (unused) gradients
     // normalized_shape is the input's trailing dims (checked by the op): keep their count.
@@ -99,7 +94,7 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
     const Tensor& input = s[0];
     const int64_t k = ctx->saved_data["k"].toInt();
     const variable_list g = wanted_grads(
-        ctx, s, call_backward_op(layer_norm_bwd_op(), grads[0], input, input.sym_sizes().slice(input.dim() - k),
+        ctx, s, call_backward_op(op<LayerNormBwd, kLayerNormBwd>(), grads[0], input, input.sym_sizes().slice(input.dim() - k),
                                  s[3], s[4], optional(s[1]), optional(s[2])));
     return {g[0], Tensor(), g[1], g[2], Tensor()};
   }
@@ -107,8 +102,8 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
 
 Tensors3 layer_norm_fwd_autograd(const Tensor& input, c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
                                  const OptTensor& bias, double eps) {
-  if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
-    return call_below_autograd(layer_norm_fwd_op(), input, normalized_shape, weight, bias, eps);
+  if (!records_graph(input, weight, bias)) {
+    return call_below_autograd(op<LayerNormFwd, kLayerNormFwd>(), input, normalized_shape, weight, bias, eps);
   }
   auto out = LayerNormFunction::apply(input, normalized_shape, weight, bias, eps);
   return {out[0], out[1], out[2]};
@@ -119,8 +114,8 @@ struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
                                const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
                                const OptTensor& num_batches_tracked, bool training, c10::optional<double> momentum,
                                double eps) {
-    auto out = as_list(call_below_autograd(batch_norm_fwd_op(), input, weight, bias, running_mean,
-                                                         running_var, num_batches_tracked, training, momentum, eps));
+    auto out = as_list(call_below_autograd(op<BatchNormFwd, kBatchNormFwd>(), input, weight, bias, running_mean,
+                                           running_var, num_batches_tracked, training, momentum, eps));
     ctx->mark_non_differentiable({out[1], out[2], out[3], out[4]});
     ctx->set_materialize_grads(false);
     ctx->saved_data["training"] = training;
@@ -132,7 +127,7 @@ struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
     if (!grads[0].defined()) return variable_list(9);
     const variable_list s = ctx->get_saved_variables();
     variable_list g = wanted_grads(ctx, s,
-                                   call_backward_op(batch_norm_bwd_op(), grads[0], s[0], optional(s[1]),
+                                   call_backward_op(op<BatchNormBwd, kBatchNormBwd>(), grads[0], s[0], optional(s[1]),
                                                     optional(s[2]), s[3], s[4], ctx->saved_data["training"].toBool()));
     g.resize(9);  // nothing for the running statistics and the scalars
     return g;
@@ -143,9 +138,9 @@ Tensors5 batch_norm_fwd_autograd(const Tensor& input, const OptTensor& weight, c
                                  const OptTensor& running_mean, const OptTensor& running_var,
                                  const OptTensor& num_batches_tracked, bool training, c10::optional<double> momentum,
                                  double eps) {
-  if (!at::GradMode::is_enabled() || !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
-    return call_below_autograd(batch_norm_fwd_op(), input, weight, bias, running_mean, running_var,
-                                             num_batches_tracked, training, momentum, eps);
+  if (!records_graph(input, weight, bias)) {
+    return call_below_autograd(op<BatchNormFwd, kBatchNormFwd>(), input, weight, bias, running_mean, running_var,
+                               num_batches_tracked, training, momentum, eps);
   }
   auto out = BatchNormFunction::apply(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
                                       momentum, eps);

@@ -82,8 +82,12 @@ inline void prefetch_row(const T* row, int64_t cols) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
 }
 
-// Rows per parallel task: enough elements to amortize the task.
-inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 8192 / cols); }
+// Elements per parallel task (forward rows, backward row groups): enough to amortize the
+// task, few enough that small shapes (128x256) run on two threads, as torch's do.
+constexpr int64_t kRowGrainElems = 8192;
+
+// Rows per parallel task.
+inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kRowGrainElems / cols); }
 
 template <typename T, typename W>
 void forward(const LayerNormFwdParams& p) {
@@ -190,7 +194,7 @@ void backward(const LayerNormBwdParams& p) {
   // is wanted). The grouping depends only on the shape and the thread count, so repeated
   // runs sum in the same order.
   const int64_t groups = std::max<int64_t>(
-      1, std::min({rows, static_cast<int64_t>(at::get_num_threads()), rows * cols / 8192}));
+      1, std::min({rows, static_cast<int64_t>(at::get_num_threads()), rows * cols / kRowGrainElems}));
   std::vector<A> partial((want_dw || want_db) ? groups * 2 * cols : 0, A(0));
   const A inv_cols = A(1) / static_cast<A>(cols);
 
