@@ -395,16 +395,15 @@ inline void grad_sums_runs(const T* __restrict x, const T* __restrict dy, int64_
 }
 
 // kNSC backward sums, per (row block of tiles.rb rows, channel) into ps/psx: sums of dy
-// and dy * (x - mean) over kWidenGroup rows in A, added into double. Two sweeps that give
-// the same sums in the same order and differ in speed (measured side by side on this
-// project's benchmark machine): float/double sweep each row block row by row, all
-// channels (sequential reads; the partial sums live in memory); half/bfloat16 go tile by
-// tile, a chunk of channels down the tile's rows (sums in registers), which is faster for
-// them (1.4x on (32, 256, 28, 28) channels_last bfloat16) and slower for float (1.3x-2.0x
-// on (8192, 1024), two runs).
+// and dy * (x - mean) over kWidenGroup rows in A, added into double. Each thread sweeps
+// its row blocks row by row, all channels (sequential reads; the partial sums live in
+// memory). Measured side by side on this project's benchmark machine against sweeping
+// tile by tile (a chunk of channels down 256 rows, sums in registers; same sums in the
+// same order): 1.3x-2.0x faster on (8192, 1024) float, 1.2x-1.6x on bfloat16 (8192, 1024),
+// (32768, 256) and (32, 256, 28, 28) channels_last, no slower on small tensors.
 template <typename T, typename A>
-void nsc_grad_sums_by_rows(const NscTiles& tiles, const T* x, const T* dy, const A* mean, double* part_s,
-                           double* part_sx) {
+void nsc_grad_sums(const NscTiles& tiles, const T* x, const T* dy, const A* mean, double* part_s,
+                   double* part_sx) {
   const int64_t C = tiles.C;
   at::parallel_for(0, tiles.row_blocks, 1, [&](int64_t k0, int64_t k1) {
     constexpr int64_t L = kLanes<A>, D = kDoubleVecs<A>, LD = kLanes<double>;
@@ -454,41 +453,6 @@ void nsc_grad_sums_by_rows(const NscTiles& tiles, const T* x, const T* dy, const
   });
 }
 
-template <typename T, typename A>
-void nsc_grad_sums_by_tiles(const NscTiles& tiles, const T* x, const T* dy, const A* mean, double* part_s,
-                            double* part_sx) {
-  const int64_t C = tiles.C;
-  // Channel vectors per chunk: the sums (2 x kDoubleVecs each) and means must stay in registers.
-  constexpr int64_t kV = kVecBytes == 64 ? 4 : 2;
-  tiles.parallel(std::array<const T*, 2>{x, dy}, [&](int64_t k, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    for_column_chunks<A, kV>(nc, [&](auto chunk, int64_t c, int64_t last) {
-      using Ch = decltype(chunk);
-      constexpr int64_t V = Ch::vecs, D = kDoubleVecs<A>, L = kLanes<A>, LD = kLanes<double>;
-      const int64_t off = r0 * C + c0 + c;
-      vec_t<A> m[V];
-      for (int64_t j = 0; j < V; ++j) m[j] = load_chunk<Ch::partial>(mean + c0 + c, j, last);
-      vec_t<double> s[V * D] = {}, sx[V * D] = {};
-      for (int64_t r = 0; r < nr; r += kWidenGroup) {
-        const int64_t nq = std::min(kWidenGroup, nr - r);
-        for (int64_t j = 0; j < V; ++j) {
-          vec_t<A> gs = {}, ps = {};
-          for (int64_t q = r; q < r + nq; ++q) {
-            const vec_t<A> g = load_chunk<Ch::partial>(dy + off + q * C, j, last);
-            gs += g;
-            ps += g * (load_chunk<Ch::partial>(x + off + q * C, j, last) - m[j]);
-          }
-          add_lanes(s + j * D, gs);
-          add_lanes(sx + j * D, ps);
-        }
-      }
-      for (int64_t i = 0; i < (V - 1) * L + last; ++i) {
-        part_s[k * C + c0 + c + i] = s[i / LD][i % LD];
-        part_sx[k * C + c0 + c + i] = sx[i / LD][i % LD];
-      }
-    });
-  });
-}
-
 // Per channel: sum dy and sum dy * (x - mean), per run / tile, added in double.
 template <typename T, typename A = acc_t<T>>
 void channel_grad_sums(const BatchNormBwdParams& p, std::vector<double>& sum_dy, std::vector<double>& sum_dyx) {
@@ -515,11 +479,7 @@ void channel_grad_sums(const BatchNormBwdParams& p, std::vector<double>& sum_dy,
   }
   const NscTiles tiles(p.N * p.S, C);
   std::vector<double> part_s(tiles.partials()), part_sx(tiles.partials());
-  if constexpr (sizeof(T) >= 4) {
-    nsc_grad_sums_by_rows(tiles, x, dy, mean, part_s.data(), part_sx.data());
-  } else {
-    nsc_grad_sums_by_tiles(tiles, x, dy, mean, part_s.data(), part_sx.data());
-  }
+  nsc_grad_sums(tiles, x, dy, mean, part_s.data(), part_sx.data());
   // Per channel, row block by row block (in that fixed order), over a range of channels.
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
     std::fill(sum_dy.begin() + c0, sum_dy.begin() + c1, 0.0);
