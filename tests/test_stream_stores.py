@@ -2,7 +2,7 @@
 non-temporal stores (csrc/cpu/vec_io.h, store_loop). That path must give exactly the
 values, strides and memory format of the cached-store path, for every instruction set,
 dtype and alignment of the rows (the elements before a row's first 64-byte boundary are
-stored one by one)."""
+stored one by one, those after its last whole 64-byte line with cached stores)."""
 
 import pytest
 import torch
