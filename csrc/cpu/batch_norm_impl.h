@@ -103,6 +103,45 @@ struct NscTiles {
   }
 };
 
+// Values summed in A before one widening add into the double lanes (amortizes the
+// conversion; a sum of 4 loses nothing that matters).
+constexpr int64_t kWidenGroup = 4;
+
+// kNSC row sweeps (backward sums; statistics of wide rows): a thread sweeps a row block
+// kWidenGroup rows at a time, a channel vector of all of them, then the next vector, so
+// the group's rows are read interleaved, which the hardware prefetcher follows badly
+// (single thread, from memory: 1.2-1.4 elements/ns against 3.4-3.9 for the same sums over
+// contiguous kNCS planes). RowSweep::chunks runs f(partial, c, last) over the channel
+// vectors of a row (partial: std::true_type for the last `last` < L channels) and first
+// asks for each full vector's share of the group kPrefetchAhead bytes ahead, in every
+// tensor given: in-process switch, backward sums 1.4x-1.7x on bf16 (8192, 1024),
+// (32768, 256) and (32, 256, 28, 28) channels_last, 1.4x-1.6x on float channels_last,
+// 0.92x-1.03x on float (8192, 1024), small C unchanged.
+constexpr int64_t kPrefetchAhead = 16 << 10;
+template <typename T, typename A>
+struct RowSweep {
+  static constexpr int64_t L = kLanes<A>, kGroupBytes = kWidenGroup * static_cast<int64_t>(sizeof(T));
+  int64_t rows, C, ahead_rows;
+  RowSweep(int64_t rows_, int64_t c)
+      : rows(rows_), C(c), ahead_rows(kWidenGroup * std::max<int64_t>(1, kPrefetchAhead / (kGroupBytes * c))) {}
+  // Channel vectors of the group starting at row r (of the whole tensor).
+  template <size_t kTensors, typename F>
+  void chunks(int64_t r, const std::array<const T*, kTensors>& prefetch, F&& f) const {
+    const bool ahead = r + ahead_rows + kWidenGroup <= rows;
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      if (ahead) {
+        // Bytes [c, c + L) * kGroupBytes of the group ahead_rows rows on.
+        const int64_t off = (r + ahead_rows) * C * static_cast<int64_t>(sizeof(T)) + c * kGroupBytes;
+        for (int64_t b = 0; b < L * kGroupBytes; b += 64)
+          for (const T* t : prefetch) __builtin_prefetch(reinterpret_cast<const char*>(t) + off + b);
+      }
+      f(std::false_type{}, c, L);
+    }
+    if (c < C) f(std::true_type{}, c, C - c);
+  }
+};
+
 // Per-channel work over C channels, in parallel.
 template <typename F>
 void for_channels(int64_t C, int64_t work_per_channel, F&& f) {
@@ -199,6 +238,69 @@ inline void for_column_chunks(int64_t nc, F&& f) {
   if (c < nc) f(Chunk<1, true>{}, c, nc - c);
 }
 
+// kNSC moments of each row block (tiles.rb rows) and channel, row by row (RowSweep), for
+// rows of at least kRowSweepBytes: the block's column sums in A give the shift a, a second
+// sweep (from L2) sums d = x - a and d * d, all three kept per channel in a per-thread
+// scratch row. The sums are those of the tile sweep, in the same order (outputs bitwise
+// equal). In-process switch against the tiles: bf16 (8192, 1024) 1.2x-1.5x, (8192, 2048)
+// 1.2x-1.3x, float (8192, 1024) 0.97x-1.10x; narrower rows lose (bf16 (32768, 256)
+// 0.89x-0.94x, C = 64: 0.83x-0.85x), hence the bound.
+constexpr int64_t kRowSweepBytes = 2048;
+template <typename T, typename A>
+void nsc_moments_by_rows(const NscTiles& tiles, const T* x, double* part_mean, double* part_m2) {
+  const int64_t C = tiles.C;
+  const RowSweep<T, A> sweep(tiles.rows, C);
+  // The first n lanes of v (all of them unless kPartial) stored at p.
+  auto store = [](auto partial, A* p, vec_t<A> v, int64_t n) {
+    if constexpr (decltype(partial)::value) {
+      for (int64_t i = 0; i < n; ++i) p[i] = v[i];
+    } else {
+      store_vec(p, v);
+    }
+  };
+  at::parallel_for(0, tiles.row_blocks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<A> scratch(3 * C);
+    A* shift = scratch.data();
+    A* sum_d = shift + C;
+    A* sum_dd = sum_d + C;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = k * tiles.rb, r1 = r0 + tiles.block_rows(k);
+      const A nr = static_cast<A>(r1 - r0);
+      std::fill(scratch.begin(), scratch.end(), A(0));
+      for (int64_t r = r0; r < r1; r += kWidenGroup) {
+        const int64_t q1 = std::min(r1, r + kWidenGroup);
+        sweep.chunks(r, std::array<const T*, 1>{x}, [&](auto partial, int64_t c, int64_t last) {
+          constexpr bool kP = decltype(partial)::value;
+          vec_t<A> a = load_chunk<kP>(shift + c, 0, last);
+          for (int64_t q = r; q < q1; ++q) a += load_chunk<kP>(x + q * C + c, 0, last);
+          store(partial, shift + c, a, last);
+        });
+      }
+      for (int64_t c = 0; c < C; ++c) shift[c] /= nr;
+      for (int64_t r = r0; r < r1; r += kWidenGroup) {
+        const int64_t q1 = std::min(r1, r + kWidenGroup);
+        sweep.chunks(r, std::array<const T*, 0>{}, [&](auto partial, int64_t c, int64_t last) {
+          constexpr bool kP = decltype(partial)::value;
+          const vec_t<A> a = load_chunk<kP>(shift + c, 0, last);
+          vec_t<A> sd = load_chunk<kP>(sum_d + c, 0, last), sdd = load_chunk<kP>(sum_dd + c, 0, last);
+          for (int64_t q = r; q < q1; ++q) {
+            const vec_t<A> d = load_chunk<kP>(x + q * C + c, 0, last) - a;
+            sd += d;
+            sdd += d * d;
+          }
+          store(partial, sum_d + c, sd, last);
+          store(partial, sum_dd + c, sdd, last);
+        });
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const double sd = static_cast<double>(sum_d[c]), n = static_cast<double>(r1 - r0);
+        part_mean[k * C + c] = static_cast<double>(shift[c]) + sd / n;
+        part_m2[k * C + c] = std::max(0.0, static_cast<double>(sum_dd[c]) - sd * sd / n);
+      }
+    }
+  });
+}
+
 // Exact moments of every channel: per run / tile in A, merged in double.
 template <typename T, typename A = acc_t<T>>
 std::vector<Moments<double>> channel_moments(const BatchNormFwdParams& p) {
@@ -221,34 +323,38 @@ std::vector<Moments<double>> channel_moments(const BatchNormFwdParams& p) {
   // kNSC: per tile and chunk of channels (accumulators in registers), the column sums
   // give an approximate mean a; a second sweep (from L1) sums d = x - a and d * d, so that
   // mean = a + sum d / n and M2 = sum d^2 - (sum d)^2 / n are accurate however far a is
-  // from the exact mean.
+  // from the exact mean. Rows of kRowSweepBytes or more: the same sums row by row.
   const NscTiles tiles(p.N * p.S, C);
   std::vector<double> part_mean(tiles.partials()), part_m2(tiles.partials());
-  tiles.parallel(std::array<const T*, 1>{x}, [&](int64_t k, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-    for_column_chunks<A, 4>(nc, [&](auto chunk, int64_t c, int64_t last) {
-      using Ch = decltype(chunk);
-      constexpr int64_t V = Ch::vecs, L = kLanes<A>;
-      const T* base = x + r0 * C + c0 + c;
-      vec_t<A> shift[V] = {}, sum_d[V] = {}, sum_dd[V] = {};
-      for (int64_t r = 0; r < nr; ++r)
-        for (int64_t j = 0; j < V; ++j) shift[j] += load_chunk<Ch::partial>(base + r * C, j, last);
-      for (int64_t j = 0; j < V; ++j) shift[j] /= static_cast<A>(nr);
-      for (int64_t r = 0; r < nr; ++r) {
-        for (int64_t j = 0; j < V; ++j) {
-          const vec_t<A> d = load_chunk<Ch::partial>(base + r * C, j, last) - shift[j];
-          sum_d[j] += d;
-          sum_dd[j] += d * d;
+  if (C * static_cast<int64_t>(sizeof(T)) >= kRowSweepBytes) {
+    nsc_moments_by_rows<T, A>(tiles, x, part_mean.data(), part_m2.data());
+  } else {
+    tiles.parallel(std::array<const T*, 1>{x}, [&](int64_t k, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+      for_column_chunks<A, 4>(nc, [&](auto chunk, int64_t c, int64_t last) {
+        using Ch = decltype(chunk);
+        constexpr int64_t V = Ch::vecs, L = kLanes<A>;
+        const T* base = x + r0 * C + c0 + c;
+        vec_t<A> shift[V] = {}, sum_d[V] = {}, sum_dd[V] = {};
+        for (int64_t r = 0; r < nr; ++r)
+          for (int64_t j = 0; j < V; ++j) shift[j] += load_chunk<Ch::partial>(base + r * C, j, last);
+        for (int64_t j = 0; j < V; ++j) shift[j] /= static_cast<A>(nr);
+        for (int64_t r = 0; r < nr; ++r) {
+          for (int64_t j = 0; j < V; ++j) {
+            const vec_t<A> d = load_chunk<Ch::partial>(base + r * C, j, last) - shift[j];
+            sum_d[j] += d;
+            sum_dd[j] += d * d;
+          }
         }
-      }
-      double* mean = part_mean.data() + k * C + c0 + c;
-      double* m2 = part_m2.data() + k * C + c0 + c;
-      for (int64_t i = 0; i < (V - 1) * L + last; ++i) {
-        const double sd = static_cast<double>(sum_d[i / L][i % L]);
-        mean[i] = static_cast<double>(shift[i / L][i % L]) + sd / static_cast<double>(nr);
-        m2[i] = std::max(0.0, static_cast<double>(sum_dd[i / L][i % L]) - sd * sd / static_cast<double>(nr));
-      }
+        double* mean = part_mean.data() + k * C + c0 + c;
+        double* m2 = part_m2.data() + k * C + c0 + c;
+        for (int64_t i = 0; i < (V - 1) * L + last; ++i) {
+          const double sd = static_cast<double>(sum_d[i / L][i % L]);
+          mean[i] = static_cast<double>(shift[i / L][i % L]) + sd / static_cast<double>(nr);
+          m2[i] = std::max(0.0, static_cast<double>(sum_dd[i / L][i % L]) - sd * sd / static_cast<double>(nr));
+        }
+      });
     });
-  });
+  }
   // merge_parts per channel, row block by row block over a range of channels at a time
   // (the partials are stored by row block).
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
@@ -348,9 +454,6 @@ inline void add_lanes(vec_t<double>* acc, vec_t<float> v) {
 template <typename A>
 constexpr int64_t kDoubleVecs = kLanes<A> / kLanes<double>;
 
-// Values summed in A before one widening add into the double lanes (amortizes the
-// conversion; a sum of 4 loses nothing that matters).
-constexpr int64_t kWidenGroup = 4;
 
 // sum dy and sum dy * (x - mean) over `runs` runs of n values of one channel (run r at
 // offset r * stride): products and groups of kWidenGroup in A, sums in double lanes (long,
@@ -401,21 +504,13 @@ inline void grad_sums_runs(const T* __restrict x, const T* __restrict dy, int64_
 // tile by tile (a chunk of channels down 256 rows, sums in registers; same sums in the
 // same order): 1.3x-2.0x faster on (8192, 1024) float, 1.2x-1.6x on bfloat16 (8192, 1024),
 // (32768, 256) and (32, 256, 28, 28) channels_last, no slower on small tensors.
-// A group's kWidenGroup rows are read interleaved, which the hardware prefetcher follows
-// badly (single thread, from memory: 1.2-1.4 elements/ns against 3.4-3.9 for the same sums
-// over contiguous kNCS planes), so each chunk asks for its share of the group
-// kPrefetchAhead bytes ahead: in-process switch, bf16 (8192, 1024), (32768, 256) and
-// (32, 256, 28, 28) channels_last 1.4x-1.7x, float channels_last 1.4x-1.6x, float
-// (8192, 1024) 0.92x-1.03x, small C unchanged.
-constexpr int64_t kPrefetchAhead = 16 << 10;
 template <typename T, typename A>
 void nsc_grad_sums(const NscTiles& tiles, const T* x, const T* dy, const A* mean, double* part_s,
                    double* part_sx) {
   const int64_t C = tiles.C;
-  constexpr int64_t kGroupBytes = kWidenGroup * static_cast<int64_t>(sizeof(T));
-  const int64_t ahead_rows = kWidenGroup * std::max<int64_t>(1, kPrefetchAhead / (kGroupBytes * C));
+  const RowSweep<T, A> sweep(tiles.rows, C);
   at::parallel_for(0, tiles.row_blocks, 1, [&](int64_t k0, int64_t k1) {
-    constexpr int64_t L = kLanes<A>, D = kDoubleVecs<A>, LD = kLanes<double>;
+    constexpr int64_t D = kDoubleVecs<A>, LD = kLanes<double>;
     for (int64_t k = k0; k < k1; ++k) {
       double* ps = part_s + k * C;
       double* psx = part_sx + k * C;
@@ -424,17 +519,8 @@ void nsc_grad_sums(const NscTiles& tiles, const T* x, const T* dy, const A* mean
       // Rows [r, r + nq) (nq <= kWidenGroup): channels c..c+L-1 (`last` of them with
       // kPartial) summed in A, then added to the double sums.
       auto add_rows = [&](int64_t r, int64_t nq) {
-        const bool prefetch = r + ahead_rows + kWidenGroup <= tiles.rows;
-        auto chunk = [&](auto partial, int64_t c, int64_t last) {
+        sweep.chunks(r, std::array<const T*, 2>{x, dy}, [&](auto partial, int64_t c, int64_t last) {
           constexpr bool kPartial = decltype(partial)::value;
-          if (!kPartial && prefetch) {
-            // Chunk c / L of the group ahead_rows rows on: bytes [c / L, c / L + 1) * L * kGroupBytes.
-            const int64_t off = (r + ahead_rows) * C * static_cast<int64_t>(sizeof(T)) + c * kGroupBytes;
-            for (int64_t b = 0; b < L * kGroupBytes; b += 64) {
-              __builtin_prefetch(reinterpret_cast<const char*>(x) + off + b);
-              __builtin_prefetch(reinterpret_cast<const char*>(dy) + off + b);
-            }
-          }
           const vec_t<A> m = load_chunk<kPartial>(mean + c, 0, last);
           vec_t<A> gs = {}, gx = {};
           for (int64_t q = r; q < r + nq; ++q) {
@@ -460,10 +546,7 @@ void nsc_grad_sums(const NscTiles& tiles, const T* x, const T* dy, const A* mean
               store_vec(psx + c + d * LD, sx[d]);
             }
           }
-        };
-        int64_t c = 0;
-        for (; c + L <= C; c += L) chunk(std::false_type{}, c, L);
-        if (c < C) chunk(std::true_type{}, c, C - c);
+        });
       };
       const int64_t r0 = k * tiles.rb, r1 = r0 + tiles.block_rows(k);
       for (int64_t r = r0; r < r1; r += kWidenGroup) add_rows(r, std::min(kWidenGroup, r1 - r));
