@@ -45,13 +45,23 @@ struct NcsRuns {
   int64_t plane_stride() const { return C * S; }
   // Runs per parallel task.
   int64_t grain() const { return std::max<int64_t>(1, kGrainElems / (std::min(S, kBlock) * planes)); }
-  // f(c, offset, len, run index, planes in the run) for runs [r0, r1).
+  // f(c, offset, len, run index, planes in the run) for runs [r0, r1). Run r is piece k of
+  // plane block nb, channel c; the indices are stepped, not divided out per run (runs of
+  // short planes are only a few vectors long).
   template <typename F>
   void runs(int64_t r0, int64_t r1, F&& f) const {
+    if (r0 >= r1) return;
+    int64_t k = r0 % per_plane, c = r0 / per_plane % C, nb = r0 / per_plane / C;
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t piece = r / per_plane, s0 = (r % per_plane) * kBlock;
-      const int64_t nb = piece / C, c = piece % C, n0 = nb * planes;
+      const int64_t s0 = k * kBlock, n0 = nb * planes;
       f(c, (n0 * C + c) * S + s0, std::min(kBlock, S - s0), r, std::min(planes, N - n0));
+      if (++k == per_plane) {
+        k = 0;
+        if (++c == C) {
+          c = 0;
+          ++nb;
+        }
+      }
     }
   }
   // The same for every run, in parallel.
@@ -277,6 +287,7 @@ void nsc_moments_by_rows(const NscTiles& tiles, const T* x, double* part_mean, d
         });
       }
       for (int64_t c = 0; c < C; ++c) shift[c] /= nr;
+      // The block again, from L2: nothing to prefetch.
       for (int64_t r = r0; r < r1; r += kWidenGroup) {
         const int64_t q1 = std::min(r1, r + kWidenGroup);
         sweep.chunks(r, std::array<const T*, 0>{}, [&](auto partial, int64_t c, int64_t last) {
