@@ -92,19 +92,18 @@ struct NscTiles {
   int64_t block_rows(int64_t k) const { return std::min(rb, rows - k * rb); }
   // f(row block, first row, row count, first channel, channel count), in parallel. A
   // tile's rows are short strided segments that the hardware prefetcher does not follow,
-  // so the next tile of the same thread is asked for, row by row, ahead of f: the rows
-  // of tensor t (of element type T) start at base[t] + row * C.
-  template <typename T, size_t kTensors, typename F>
-  void parallel(const std::array<const T*, kTensors>& base, F&& f) const {
+  // so the next tile of the same thread is asked for, row by row, ahead of f: row r of x
+  // starts at x + r * C.
+  template <typename T, typename F>
+  void parallel(const T* x, F&& f) const {
     at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         if (t + 1 < t1) {
           const int64_t k = (t + 1) / col_blocks, c0 = ((t + 1) % col_blocks) * cb;
           const int64_t bytes = std::min(cb, C - c0) * static_cast<int64_t>(sizeof(T));
-          for (const T* b : base)
-            for (int64_t r = k * rb; r < k * rb + block_rows(k); ++r)
-              for (int64_t off = 0; off < bytes; off += 64)
-                __builtin_prefetch(reinterpret_cast<const char*>(b + r * C + c0) + off);
+          for (int64_t r = k * rb; r < k * rb + block_rows(k); ++r)
+            for (int64_t off = 0; off < bytes; off += 64)
+              __builtin_prefetch(reinterpret_cast<const char*>(x + r * C + c0) + off);
         }
         const int64_t k = t / col_blocks, c0 = (t % col_blocks) * cb;
         f(k, k * rb, block_rows(k), c0, std::min(cb, C - c0));
@@ -340,7 +339,7 @@ std::vector<Moments<double>> channel_moments(const BatchNormFwdParams& p) {
   if (C * static_cast<int64_t>(sizeof(T)) >= kRowSweepBytes) {
     nsc_moments_by_rows<T, A>(tiles, x, part_mean.data(), part_m2.data());
   } else {
-    tiles.parallel(std::array<const T*, 1>{x}, [&](int64_t k, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+    tiles.parallel(x, [&](int64_t k, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
       for_column_chunks<A, 4>(nc, [&](auto chunk, int64_t c, int64_t last) {
         using Ch = decltype(chunk);
         constexpr int64_t V = Ch::vecs, L = kLanes<A>;
