@@ -453,13 +453,29 @@ void forward(const BatchNormFwdParams& p) {
 
 // The lanes of v added to the kLanes<A> / kLanes<double> double vectors at acc.
 inline void add_lanes(vec_t<double>* acc, vec_t<double> v) { acc[0] += v; }
+// The float lanes are widened in registers: one conversion per half with AVX-512 and
+// AVX2, for which g++'s generic conversion takes four instructions (and copying the
+// halves out through memory put the callers' sums on the stack).
 inline void add_lanes(vec_t<double>* acc, vec_t<float> v) {
-  using f8 = float __attribute__((vector_size(sizeof(vec_t<float>) / 2)));
-  f8 lo, hi;
-  std::memcpy(&lo, &v, sizeof(lo));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
-  acc[0] += __builtin_convertvector(lo, vec_t<double>);
-  acc[1] += __builtin_convertvector(hi, vec_t<double>);
+  vec_t<double> lo, hi;
+#if FN_VEC_BYTES == 64
+  __m512 f;
+  std::memcpy(&f, &v, sizeof(f));
+  const __m512d l = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+  const __m512d h = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
+#elif FN_VEC_BYTES == 32
+  __m256 f;
+  std::memcpy(&f, &v, sizeof(f));
+  const __m256d l = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+  const __m256d h = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+#else
+  const vec_t<double> l = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1), vec_t<double>);
+  const vec_t<double> h = __builtin_convertvector(__builtin_shufflevector(v, v, 2, 3), vec_t<double>);
+#endif
+  std::memcpy(&lo, &l, sizeof(lo));
+  std::memcpy(&hi, &h, sizeof(hi));
+  acc[0] += lo;
+  acc[1] += hi;
 }
 template <typename A>
 constexpr int64_t kDoubleVecs = kLanes<A> / kLanes<double>;
