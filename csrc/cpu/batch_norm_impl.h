@@ -3,15 +3,16 @@
 //
 //  * kNCS: each (n, c) plane is S contiguous values of one channel. The tensor is cut
 //    into runs of at most kBlock values of one plane; runs are processed in parallel.
-//  * kNSC: rows of C contiguous channels. Reductions work on blocks of kTileRows rows, as
-//    tiles of kTileCols channels or row by row; elementwise passes on chunks of at most
-//    kBlock channels of a row.
+//  * kNSC: rows of C contiguous channels. Reductions work on blocks of kBlockRows rows,
+//    swept row by row (and, for the second pass of the statistics of narrow rows, a chunk
+//    of channels down the block); elementwise passes on chunks of at most kBlock channels
+//    of a row.
 //
-// Training forward: one read of x computes exact moments per run / per tile column (two
+// Training forward: one read of x computes exact moments per run / per row block (two
 // vectorized sweeps over L1/L2-resident data, in the accumulation type), which are merged
 // per channel in double in a fixed order; the normalize pass applies one scale and shift
 // per channel. Half and bfloat16 are converted in registers (vec_io.h), never copied.
-// Backward: per-run / per-tile sums of dy and dy * (x - mean) (products in the
+// Backward: per-run / per-row-block sums of dy and dy * (x - mean) (products in the
 // accumulation type, sums in double lanes), added per channel in a fixed order, then one
 // elementwise pass for dx. The partition depends only on the shape, never on the thread
 // count, and there are no atomics: results are bitwise reproducible.
@@ -77,46 +78,22 @@ struct NcsRuns {
   }
 };
 
-// kNSC tiles: blocks of at most kTileRows rows by kTileCols channels. The partial results
-// per (tile, channel) are 1/256 of the data; column sums of at most 256 rows can be kept
-// in float; a tile and the next one (being prefetched) fit in L2.
-constexpr int64_t kTileRows = 256, kTileCols = 256;
-
-// Partial results are stored per (row block, channel).
-struct NscTiles {
-  int64_t rows, C, cb, rb, row_blocks, col_blocks;
-  NscTiles(int64_t rows_, int64_t c)
-      : rows(rows_), C(c), cb(std::min(c, kTileCols)), rb(std::max<int64_t>(1, std::min(kTileRows, rows_))),
-        row_blocks((rows_ + rb - 1) / rb), col_blocks((c + cb - 1) / cb) {}
-  int64_t partials() const { return row_blocks * C; }
+// kNSC row blocks of at most kBlockRows rows. The partial results per (row block,
+// channel) are 1/256 of the data; column sums of at most 256 rows can be kept in float.
+constexpr int64_t kBlockRows = 256;
+struct NscBlocks {
+  int64_t rows, C, rb, count;
+  NscBlocks(int64_t rows_, int64_t c)
+      : rows(rows_), C(c), rb(std::max<int64_t>(1, std::min(kBlockRows, rows_))), count((rows_ + rb - 1) / rb) {}
+  int64_t partials() const { return count * C; }
   int64_t block_rows(int64_t k) const { return std::min(rb, rows - k * rb); }
-  // f(row block, first row, row count, first channel, channel count), in parallel. A
-  // tile's rows are short strided segments that the hardware prefetcher does not follow,
-  // so the next tile of the same thread is asked for, row by row, ahead of f: row r of x
-  // starts at x + r * C.
-  template <typename T, typename F>
-  void parallel(const T* x, F&& f) const {
-    at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        if (t + 1 < t1) {
-          const int64_t k = (t + 1) / col_blocks, c0 = ((t + 1) % col_blocks) * cb;
-          const int64_t bytes = std::min(cb, C - c0) * static_cast<int64_t>(sizeof(T));
-          for (int64_t r = k * rb; r < k * rb + block_rows(k); ++r)
-            for (int64_t off = 0; off < bytes; off += 64)
-              __builtin_prefetch(reinterpret_cast<const char*>(x + r * C + c0) + off);
-        }
-        const int64_t k = t / col_blocks, c0 = (t % col_blocks) * cb;
-        f(k, k * rb, block_rows(k), c0, std::min(cb, C - c0));
-      }
-    });
-  }
 };
 
 // Values summed in A before one widening add into the double lanes (amortizes the
 // conversion; a sum of 4 loses nothing that matters).
 constexpr int64_t kWidenGroup = 4;
 
-// kNSC row sweeps (backward sums; statistics of wide rows): a thread sweeps a row block
+// kNSC row sweeps (backward sums; statistics): a thread sweeps a row block
 // kWidenGroup rows at a time, a channel vector of all of them, then the next vector, so
 // the group's rows are read interleaved, which the hardware prefetcher follows badly
 // (single thread, from memory: 1.2-1.4 elements/ns against 3.4-3.9 for the same sums over
@@ -230,9 +207,9 @@ inline auto load_chunk(const T* p, int64_t j, int64_t last) {
   }
 }
 
-// Runs f(Chunk{}, c, last) over the channels [0, nc) of a kNSC tile: chunks of kV full
-// vectors (accumulators stay in registers over the tile's rows), then single vectors,
-// then one partial vector with last = the number of channels left.
+// Runs f(Chunk{}, c, last) over the channels [0, nc) of a kNSC row block: chunks of kV
+// full vectors (accumulators stay in registers over the block's rows), then single
+// vectors, then one partial vector with last = the number of channels left.
 template <int64_t kV, bool kPartial>
 struct Chunk {
   static constexpr int64_t vecs = kV;
@@ -247,18 +224,26 @@ inline void for_column_chunks(int64_t nc, F&& f) {
   if (c < nc) f(Chunk<1, true>{}, c, nc - c);
 }
 
-// kNSC moments of each row block (tiles.rb rows) and channel, row by row (RowSweep), for
-// rows of at least kRowSweepBytes: the block's column sums in A give the shift a, a second
-// sweep (from L2) sums d = x - a and d * d, all three kept per channel in a per-thread
-// scratch row. The sums are those of the tile sweep, in the same order (outputs bitwise
-// equal). In-process switch against the tiles: bf16 (8192, 1024) 1.2x-1.5x, (8192, 2048)
-// 1.2x-1.3x, float (8192, 1024) 0.97x-1.10x; narrower rows lose (bf16 (32768, 256)
-// 0.89x-0.94x, C = 64: 0.83x-0.85x), hence the bound.
+// kNSC moments of each row block (blocks.rb rows) and channel. The block's column sums in
+// A, row by row (RowSweep, which prefetches ahead), give the shift a; a second sweep, from
+// L2, sums d = x - a and d * d, so that mean = a + sum d / n and M2 = sum d^2 - (sum d)^2 / n
+// are accurate however far a is from the exact mean. For rows narrower than
+// kRowSweepBytes the second sweep goes down the block kV vectors of channels at a time,
+// accumulators in registers; wider rows are swept row by row again, the sums kept in the
+// per-thread scratch row. Every channel's sums are added in the same order either way.
+// Alternating processes, against sweeping 256-channel tiles for both passes (the next
+// tile prefetched row by row before each), on tensors larger than the L3: bf16
+// (128, 256, 28, 28) channels_last 6.2 -> 9.2-11.8 elements/ns on one thread, 1.1x-2.2x
+// on two, (131072, 256) 1.2x-1.7x; float and C = 64 unchanged (0.8x-1.2x). Rows swept
+// twice by rows against the same tiles: bf16 (8192, 1024) 1.2x-1.5x, (8192, 2048)
+// 1.2x-1.3x, float (8192, 1024) 0.97x-1.10x, but narrower rows 0.83x-0.94x: hence the
+// narrow second sweep.
 constexpr int64_t kRowSweepBytes = 2048;
 template <typename T, typename A>
-void nsc_moments_by_rows(const NscTiles& tiles, const T* x, double* part_mean, double* part_m2) {
-  const int64_t C = tiles.C;
-  const RowSweep<T, A> sweep(tiles.rows, C);
+void nsc_moments(const NscBlocks& blocks, const T* x, double* part_mean, double* part_m2) {
+  const int64_t C = blocks.C;
+  const RowSweep<T, A> sweep(blocks.rows, C);
+  const bool narrow = C * static_cast<int64_t>(sizeof(T)) < kRowSweepBytes;
   // The first n lanes of v (all of them unless kPartial) stored at p.
   auto store = [](auto partial, A* p, vec_t<A> v, int64_t n) {
     if constexpr (decltype(partial)::value) {
@@ -267,13 +252,13 @@ void nsc_moments_by_rows(const NscTiles& tiles, const T* x, double* part_mean, d
       store_vec(p, v);
     }
   };
-  at::parallel_for(0, tiles.row_blocks, 1, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, blocks.count, 1, [&](int64_t k0, int64_t k1) {
     std::vector<A> scratch(3 * C);
     A* shift = scratch.data();
     A* sum_d = shift + C;
     A* sum_dd = sum_d + C;
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t r0 = k * tiles.rb, r1 = r0 + tiles.block_rows(k);
+      const int64_t r0 = k * blocks.rb, r1 = r0 + blocks.block_rows(k);
       const A nr = static_cast<A>(r1 - r0);
       std::fill(scratch.begin(), scratch.end(), A(0));
       for (int64_t r = r0; r < r1; r += kWidenGroup) {
@@ -287,20 +272,40 @@ void nsc_moments_by_rows(const NscTiles& tiles, const T* x, double* part_mean, d
       }
       for (int64_t c = 0; c < C; ++c) shift[c] /= nr;
       // The block again, from L2: nothing to prefetch.
-      for (int64_t r = r0; r < r1; r += kWidenGroup) {
-        const int64_t q1 = std::min(r1, r + kWidenGroup);
-        sweep.chunks(r, std::array<const T*, 0>{}, [&](auto partial, int64_t c, int64_t last) {
-          constexpr bool kP = decltype(partial)::value;
-          const vec_t<A> a = load_chunk<kP>(shift + c, 0, last);
-          vec_t<A> sd = load_chunk<kP>(sum_d + c, 0, last), sdd = load_chunk<kP>(sum_dd + c, 0, last);
-          for (int64_t q = r; q < q1; ++q) {
-            const vec_t<A> d = load_chunk<kP>(x + q * C + c, 0, last) - a;
-            sd += d;
-            sdd += d * d;
+      if (narrow) {
+        for_column_chunks<A, 4>(C, [&](auto chunk, int64_t c, int64_t last) {
+          using Ch = decltype(chunk);
+          constexpr int64_t V = Ch::vecs, L = kLanes<A>;
+          vec_t<A> a[V], sd[V] = {}, sdd[V] = {};
+          for (int64_t j = 0; j < V; ++j) a[j] = load_chunk<Ch::partial>(shift + c, j, last);
+          for (int64_t r = r0; r < r1; ++r) {
+            for (int64_t j = 0; j < V; ++j) {
+              const vec_t<A> d = load_chunk<Ch::partial>(x + r * C + c, j, last) - a[j];
+              sd[j] += d;
+              sdd[j] += d * d;
+            }
           }
-          store(partial, sum_d + c, sd, last);
-          store(partial, sum_dd + c, sdd, last);
+          for (int64_t j = 0; j < V; ++j) {
+            store(std::bool_constant<Ch::partial>{}, sum_d + c + j * L, sd[j], last);
+            store(std::bool_constant<Ch::partial>{}, sum_dd + c + j * L, sdd[j], last);
+          }
         });
+      } else {
+        for (int64_t r = r0; r < r1; r += kWidenGroup) {
+          const int64_t q1 = std::min(r1, r + kWidenGroup);
+          sweep.chunks(r, std::array<const T*, 0>{}, [&](auto partial, int64_t c, int64_t last) {
+            constexpr bool kP = decltype(partial)::value;
+            const vec_t<A> a = load_chunk<kP>(shift + c, 0, last);
+            vec_t<A> sd = load_chunk<kP>(sum_d + c, 0, last), sdd = load_chunk<kP>(sum_dd + c, 0, last);
+            for (int64_t q = r; q < q1; ++q) {
+              const vec_t<A> d = load_chunk<kP>(x + q * C + c, 0, last) - a;
+              sd += d;
+              sdd += d * d;
+            }
+            store(partial, sum_d + c, sd, last);
+            store(partial, sum_dd + c, sdd, last);
+          });
+        }
       }
       for (int64_t c = 0; c < C; ++c) {
         const double sd = static_cast<double>(sum_d[c]), n = static_cast<double>(r1 - r0);
@@ -311,7 +316,7 @@ void nsc_moments_by_rows(const NscTiles& tiles, const T* x, double* part_mean, d
   });
 }
 
-// Exact moments of every channel: per run / tile in A, merged in double.
+// Exact moments of every channel: per run / row block in A, merged in double.
 template <typename T, typename A = acc_t<T>>
 std::vector<Moments<double>> channel_moments(const BatchNormFwdParams& p) {
   const T* x = static_cast<const T*>(p.x);
@@ -330,53 +335,21 @@ std::vector<Moments<double>> channel_moments(const BatchNormFwdParams& p) {
     });
     return out;
   }
-  // kNSC: per tile and chunk of channels (accumulators in registers), the column sums
-  // give an approximate mean a; a second sweep (from L1) sums d = x - a and d * d, so that
-  // mean = a + sum d / n and M2 = sum d^2 - (sum d)^2 / n are accurate however far a is
-  // from the exact mean. Rows of kRowSweepBytes or more: the same sums row by row.
-  const NscTiles tiles(p.N * p.S, C);
-  std::vector<double> part_mean(tiles.partials()), part_m2(tiles.partials());
-  if (C * static_cast<int64_t>(sizeof(T)) >= kRowSweepBytes) {
-    nsc_moments_by_rows<T, A>(tiles, x, part_mean.data(), part_m2.data());
-  } else {
-    tiles.parallel(x, [&](int64_t k, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
-      for_column_chunks<A, 4>(nc, [&](auto chunk, int64_t c, int64_t last) {
-        using Ch = decltype(chunk);
-        constexpr int64_t V = Ch::vecs, L = kLanes<A>;
-        const T* base = x + r0 * C + c0 + c;
-        vec_t<A> shift[V] = {}, sum_d[V] = {}, sum_dd[V] = {};
-        for (int64_t r = 0; r < nr; ++r)
-          for (int64_t j = 0; j < V; ++j) shift[j] += load_chunk<Ch::partial>(base + r * C, j, last);
-        for (int64_t j = 0; j < V; ++j) shift[j] /= static_cast<A>(nr);
-        for (int64_t r = 0; r < nr; ++r) {
-          for (int64_t j = 0; j < V; ++j) {
-            const vec_t<A> d = load_chunk<Ch::partial>(base + r * C, j, last) - shift[j];
-            sum_d[j] += d;
-            sum_dd[j] += d * d;
-          }
-        }
-        double* mean = part_mean.data() + k * C + c0 + c;
-        double* m2 = part_m2.data() + k * C + c0 + c;
-        for (int64_t i = 0; i < (V - 1) * L + last; ++i) {
-          const double sd = static_cast<double>(sum_d[i / L][i % L]);
-          mean[i] = static_cast<double>(shift[i / L][i % L]) + sd / static_cast<double>(nr);
-          m2[i] = std::max(0.0, static_cast<double>(sum_dd[i / L][i % L]) - sd * sd / static_cast<double>(nr));
-        }
-      });
-    });
-  }
+  const NscBlocks blocks(p.N * p.S, C);
+  std::vector<double> part_mean(blocks.partials()), part_m2(blocks.partials());
+  nsc_moments<T, A>(blocks, x, part_mean.data(), part_m2.data());
   // merge_parts per channel, row block by row block over a range of channels at a time
   // (the partials are stored by row block).
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
-    const double n = static_cast<double>(tiles.rows);
+    const double n = static_cast<double>(blocks.rows);
     for (int64_t c = c0; c < c1; ++c) out[c] = Moments<double>{n, 0.0, 0.0};
-    for (int64_t k = 0; k < tiles.row_blocks; ++k) {
-      const double cnt = static_cast<double>(tiles.block_rows(k));
+    for (int64_t k = 0; k < blocks.count; ++k) {
+      const double cnt = static_cast<double>(blocks.block_rows(k));
       for (int64_t c = c0; c < c1; ++c) out[c].mean += cnt * part_mean[k * C + c];
     }
     for (int64_t c = c0; c < c1; ++c) out[c].mean /= n;
-    for (int64_t k = 0; k < tiles.row_blocks; ++k) {
-      const double cnt = static_cast<double>(tiles.block_rows(k));
+    for (int64_t k = 0; k < blocks.count; ++k) {
+      const double cnt = static_cast<double>(blocks.block_rows(k));
       for (int64_t c = c0; c < c1; ++c) {
         const double d = part_mean[k * C + c] - out[c].mean;
         out[c].m2 += part_m2[k * C + c] + cnt * d * d;
@@ -523,7 +496,7 @@ inline void grad_sums_runs(const T* __restrict x, const T* __restrict dy, int64_
   sum_dyx = fold_lanes<double>(sx[0], tail_x);
 }
 
-// kNSC backward sums, per (row block of tiles.rb rows, channel) into ps/psx: sums of dy
+// kNSC backward sums, per (row block of blocks.rb rows, channel) into ps/psx: sums of dy
 // and dy * (x - mean) over kWidenGroup rows in A, added into double. Each thread sweeps
 // its row blocks row by row, all channels (sequential reads; the partial sums live in
 // memory). Measured side by side on this project's benchmark machine against sweeping
@@ -531,11 +504,11 @@ inline void grad_sums_runs(const T* __restrict x, const T* __restrict dy, int64_
 // same order): 1.3x-2.0x faster on (8192, 1024) float, 1.2x-1.6x on bfloat16 (8192, 1024),
 // (32768, 256) and (32, 256, 28, 28) channels_last, no slower on small tensors.
 template <typename T, typename A>
-void nsc_grad_sums(const NscTiles& tiles, const T* x, const T* dy, const A* mean, double* part_s,
+void nsc_grad_sums(const NscBlocks& blocks, const T* x, const T* dy, const A* mean, double* part_s,
                    double* part_sx) {
-  const int64_t C = tiles.C;
-  const RowSweep<T, A> sweep(tiles.rows, C);
-  at::parallel_for(0, tiles.row_blocks, 1, [&](int64_t k0, int64_t k1) {
+  const int64_t C = blocks.C;
+  const RowSweep<T, A> sweep(blocks.rows, C);
+  at::parallel_for(0, blocks.count, 1, [&](int64_t k0, int64_t k1) {
     constexpr int64_t D = kDoubleVecs<A>, LD = kLanes<double>;
     for (int64_t k = k0; k < k1; ++k) {
       double* ps = part_s + k * C;
@@ -574,13 +547,13 @@ void nsc_grad_sums(const NscTiles& tiles, const T* x, const T* dy, const A* mean
           }
         });
       };
-      const int64_t r0 = k * tiles.rb, r1 = r0 + tiles.block_rows(k);
+      const int64_t r0 = k * blocks.rb, r1 = r0 + blocks.block_rows(k);
       for (int64_t r = r0; r < r1; r += kWidenGroup) add_rows(r, std::min(kWidenGroup, r1 - r));
     }
   });
 }
 
-// Per channel: sum dy and sum dy * (x - mean), per run / tile, added in double.
+// Per channel: sum dy and sum dy * (x - mean), per run / row block, added in double.
 template <typename T, typename A = acc_t<T>>
 void channel_grad_sums(const BatchNormBwdParams& p, std::vector<double>& sum_dy, std::vector<double>& sum_dyx) {
   const T* x = static_cast<const T*>(p.x);
@@ -604,14 +577,14 @@ void channel_grad_sums(const BatchNormBwdParams& p, std::vector<double>& sum_dy,
     });
     return;
   }
-  const NscTiles tiles(p.N * p.S, C);
-  std::vector<double> part_s(tiles.partials()), part_sx(tiles.partials());
-  nsc_grad_sums(tiles, x, dy, mean, part_s.data(), part_sx.data());
+  const NscBlocks blocks(p.N * p.S, C);
+  std::vector<double> part_s(blocks.partials()), part_sx(blocks.partials());
+  nsc_grad_sums(blocks, x, dy, mean, part_s.data(), part_sx.data());
   // Per channel, row block by row block (in that fixed order), over a range of channels.
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
     std::fill(sum_dy.begin() + c0, sum_dy.begin() + c1, 0.0);
     std::fill(sum_dyx.begin() + c0, sum_dyx.begin() + c1, 0.0);
-    for (int64_t k = 0; k < tiles.row_blocks; ++k) {
+    for (int64_t k = 0; k < blocks.count; ++k) {
       for (int64_t c = c0; c < c1; ++c) {
         sum_dy[c] += part_s[k * C + c];
         sum_dyx[c] += part_sx[k * C + c];
