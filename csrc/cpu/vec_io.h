@@ -77,15 +77,23 @@ inline u16xL to_storage(BFloat16*, vec_t<float> v) {
 #endif
   u32xL bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  const u32xL rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const u32xL nan = (u32xL)((bits & 0x7FFFFFFFu) > 0x7F800000u);  // all ones where NaN
+  const u32xL rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;  // at most 0xFFFF
+  const u32xL nan = (u32xL)(v != v);  // all ones where NaN: one unordered compare
   const u32xL out = (rounded & ~nan) | (0x7FC0u & nan);
+  u16xL h;
 #if FN_VEC_BYTES == 64
   __m512i wide;  // one narrowing instruction (g++ splits the generic conversion)
   std::memcpy(&wide, &out, sizeof(wide));
   const __m256i narrow = _mm512_cvtepi32_epi16(wide);
-  u16xL h;
   std::memcpy(&h, &narrow, sizeof(h));
+  return h;
+#elif FN_VEC_BYTES == 32
+  // The lanes fit in 16 bits, so the saturating pack narrows them exactly (the generic
+  // conversion masks them first).
+  __m256i wide;
+  std::memcpy(&wide, &out, sizeof(wide));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(wide, wide), 0xD8);
+  std::memcpy(&h, &packed, sizeof(h));
   return h;
 #else
   return __builtin_convertvector(out, u16xL);
