@@ -230,6 +230,28 @@ def test_empty_input(device):
     assert y.shape == (3, 0, 4) and y.grad_fn is not None
 
 
+# Planes and rows of channels (narrow and wide), with the inf first in its channel (the
+# value statistics may shift by), inside it, and a NaN.
+@pytest.mark.parametrize("shape,fmt", [((3, 4, 5, 6), None), ((3, 4, 40, 40), None), ((3, 4, 5, 6), CL),
+                                       ((300, 1100), None)], ids=["NCHW", "NCHW-long", "NHWC", "NC-wide"])
+def test_nan_inf_stay_in_their_channel_like_torch(device, shape, fmt):
+    x = torch.randn(shape, device=device)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    x[(0, 0) + (0,) * (x.dim() - 2)] = float("inf")
+    x[(1, 1) + (2,) * (x.dim() - 2)] = float("-inf")
+    x[(2, 2) + (1,) * (x.dim() - 2)] = float("nan")
+    results = []
+    for f in (F.batch_norm, fused_norm.batch_norm):
+        rm, rv = torch.zeros(shape[1], device=device), torch.ones(shape[1], device=device)
+        results.append((f(x, rm, rv, training=True), rm, rv))
+    (y_ref, m_ref, v_ref), (y, m, v) = results
+    torch.testing.assert_close(m, m_ref, equal_nan=True)
+    torch.testing.assert_close(v, v_ref, equal_nan=True)
+    assert y[:, :3].isnan().all()
+    torch.testing.assert_close(y[:, 3:], y_ref[:, 3:])
+
+
 @pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True), (False, False)],
                          ids=["wb", "w", "b", "none"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

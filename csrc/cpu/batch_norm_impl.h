@@ -270,7 +270,9 @@ void nsc_moments(const NscBlocks& blocks, const T* x, double* part_mean, double*
           store(partial, shift + c, a, last);
         });
       }
-      for (int64_t c = 0; c < C; ++c) shift[c] /= nr;
+      // A non-finite shift would turn every d into NaN: 0 instead lets an inf reach the
+      // mean as in torch (mean inf, variance NaN).
+      for (int64_t c = 0; c < C; ++c) shift[c] = std::isfinite(shift[c]) ? shift[c] / nr : A(0);
       // The block again, from L2: nothing to prefetch.
       if (narrow) {
         for_column_chunks<A, 4>(C, [&](auto chunk, int64_t c, int64_t last) {
@@ -309,8 +311,9 @@ void nsc_moments(const NscBlocks& blocks, const T* x, double* part_mean, double*
       }
       for (int64_t c = 0; c < C; ++c) {
         const double sd = static_cast<double>(sum_d[c]), n = static_cast<double>(r1 - r0);
+        const double m2 = static_cast<double>(sum_dd[c]) - sd * (sd / n);
         part_mean[k * C + c] = static_cast<double>(shift[c]) + sd / n;
-        part_m2[k * C + c] = std::max(0.0, static_cast<double>(sum_dd[c]) - sd * sd / n);
+        part_m2[k * C + c] = m2 < 0 ? 0.0 : m2;  // keeps a NaN
       }
     }
   });

@@ -64,27 +64,4 @@ inline A fold_lanes(vec_t<A> v, A tail) {
   return tail;
 }
 
-// sum_i f(i) over `runs` runs of n indices each, run r covering [r * stride, r * stride + n),
-// where f(i) returns a vector of lanes i..i+kLanes-1 for full vectors and fs(i) the scalar
-// term for a run's tail. The lanes are folded once, at the end.
-template <typename A, typename F, typename FS>
-inline A vec_sum_runs(int64_t runs, int64_t stride, int64_t n, F&& f, FS&& fs) {
-  constexpr int64_t L = kLanes<A>;
-  vec_t<A> acc0 = {}, acc1 = {};
-  A tail = 0;
-  for (int64_t r = 0; r < runs; ++r) {
-    const int64_t base = r * stride;
-    int64_t i = 0;
-    for (; i + 2 * L <= n; i += 2 * L) {
-      acc0 += f(base + i);
-      acc1 += f(base + i + L);
-    }
-    if (i + L <= n) {
-      acc0 += f(base + i);
-      i += L;
-    }
-    for (; i < n; ++i) tail += fs(base + i);
-  }
-  return fold_lanes<A>(acc0 + acc1, tail);
-}
 

@@ -12,26 +12,47 @@
 
 namespace ln {
 
-// Exact moments of `runs` runs of n values, run r starting at x + r * stride (two sweeps:
-// the mean, then the squared deviations).
+// Moments of `runs` runs of n values (n, runs >= 1), run r starting at x + r * stride, in
+// one sweep of sums shifted by the first value a: with d = x - a, mean = a + sum(d) / count
+// and m2 = sum(d*d) - sum(d) * (sum(d) / count). The shift is a sample of the data, so the
+// cancellation costs about (mean - a)^2 / variance of m2's precision (the same shift as the
+// kNSC statistics). A non-finite a would turn every d into NaN; the shift is then 0, and
+// the inf/NaN propagates as it does in torch (mean inf, variance NaN).
 template <typename T>
 inline Moments<acc_t<T>> runs_moments(const T* x, int64_t runs, int64_t stride, int64_t n) {
   using A = acc_t<T>;
+  constexpr int64_t L = kLanes<A>;
+  const A first = to_acc<A>(x[0]);
+  const A a = std::isfinite(first) ? first : A(0);
+  const vec_t<A> av = vec_t<A>{} + a;
+  vec_t<A> s0 = {}, s1 = {}, q0 = {}, q1 = {};
+  A s_tail = 0, q_tail = 0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const T* xr = x + r * stride;
+    int64_t i = 0;
+    for (; i + 2 * L <= n; i += 2 * L) {
+      const vec_t<A> d0 = load_vec(xr + i) - av, d1 = load_vec(xr + i + L) - av;
+      s0 += d0;
+      q0 += d0 * d0;
+      s1 += d1;
+      q1 += d1 * d1;
+    }
+    if (i + L <= n) {
+      const vec_t<A> d = load_vec(xr + i) - av;
+      s0 += d;
+      q0 += d * d;
+      i += L;
+    }
+    for (; i < n; ++i) {
+      const A d = to_acc<A>(xr[i]) - a;
+      s_tail += d;
+      q_tail += d * d;
+    }
+  }
   const A count = static_cast<A>(runs * n);
-  const A mean = vec_sum_runs<A>(runs, stride, n, [&](int64_t i) { return load_vec(x + i); },
-                                 [&](int64_t i) { return to_acc<A>(x[i]); }) /
-                 count;
-  const A m2 = vec_sum_runs<A>(
-      runs, stride, n,
-      [&](int64_t i) {
-        const vec_t<A> d = load_vec(x + i) - mean;
-        return d * d;
-      },
-      [&](int64_t i) {
-        const A d = to_acc<A>(x[i]) - mean;
-        return d * d;
-      });
-  return Moments<A>{count, mean, m2};
+  const A sd = fold_lanes<A>(s0 + s1, s_tail), sq = fold_lanes<A>(q0 + q1, q_tail);
+  const A shift = sd / count, m2 = sq - sd * shift;
+  return Moments<A>{count, a + shift, m2 < 0 ? A(0) : m2};  // keeps a NaN m2
 }
 
 // Exact moments of n contiguous values.
