@@ -2,8 +2,8 @@
 // see variant.h). Rows are split over threads; each row is processed in L1-sized blocks,
 // loading storage values straight into float (double for double) vector registers.
 //
-// Forward: one read of the row from memory computes exact per-block moments (two sweeps
-// over the L1-resident block) merged across blocks with Chan's formula; a last sweep
+// Forward: one read of the row from memory computes per-block moments (one sweep of
+// shifted sums, see runs_moments) merged across blocks with Chan's formula; a last sweep
 // writes y (from cache when the row fits in L1/L2).
 // Backward: per row, one sweep for sum(g) and sum(g*xhat) with g = dy*weight, a second
 // writes dx and accumulates dweight/dbias into per-group partial rows, which are summed
