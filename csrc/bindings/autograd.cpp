@@ -2,18 +2,21 @@
 // dispatch key) rather than with torch.library.register_autograd: a Python autograd
 // kernel costs every call ~6 us even without grad, and ~35 us with grad (measured on
 // LayerNorm 128x256 fp32, where the kernel itself takes ~10 us), which made small shapes
-// slower than torch's native ops. The backward ops (layer_norm_bwd, batch_norm_bwd) keep
-// their Python autograd (the double backward, fused_norm/_ops.py): the backward below
-// calls them through the dispatcher when it records a graph (create_graph), and below
-// autograd otherwise, which is what their autograd kernel would do.
+// slower than torch's native ops. The graph is built from plain nodes, as torch's
+// generated kernels build theirs, so that torch.func transforms (grad, vjp, jacrev) work;
+// a torch::autograd::Function refuses them. The backward ops (layer_norm_bwd,
+// batch_norm_bwd) keep their Python autograd (the double backward, fused_norm/_ops.py):
+// a node calls them through the dispatcher when it records a graph (create_graph), and
+// below autograd otherwise, which is what their autograd kernel would do.
+#include <ATen/ATen.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 namespace fused_norm {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = c10::optional<Tensor>;
 
@@ -61,76 +64,154 @@ bool records_graph(const Tensor& input, const OptTensor& weight, const OptTensor
   return at::GradMode::is_enabled() && (input.requires_grad() || requires_grad(weight) || requires_grad(bias));
 }
 OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
-
-// The gradients of input, weight and bias, each undefined unless wanted. weight and bias
-// are saved undefined when absent; needs_input_grad counts only the tensors given.
-variable_list wanted_grads(AutogradContext* ctx, const variable_list& saved, Tensors3 grads) {
-  auto [dx, dw, db] = std::move(grads);
-  const bool has_w = saved[1].defined(), has_b = saved[2].defined();
-  return {ctx->needs_input_grad(0) ? dx : Tensor(), has_w && ctx->needs_input_grad(1) ? dw : Tensor(),
-          has_b && ctx->needs_input_grad(has_w ? 2 : 1) ? db : Tensor()};
+// Forward-mode AD (torch.func.jvp, jacfwd, hessian) has no formula here: raise, as torch
+// does for its ops without one, rather than return a silently zero tangent.
+void check_no_forward_ad(const char* op, const Tensor& input, const OptTensor& weight, const OptTensor& bias) {
+  auto dual = [](const OptTensor& t) { return t.has_value() && t->defined() && t->_fw_grad(/*level=*/0).defined(); };
+  TORCH_CHECK_NOT_IMPLEMENTED(!dual(input) && !dual(weight) && !dual(bias), "Trying to use forward AD with ", op,
+                              ", which does not support it (no forward-mode formula); reverse mode (backward, "
+                              "torch.func.grad/vjp/jacrev) is supported");
 }
 
-variable_list as_list(const Tensors3& t) { return {std::get<0>(t), std::get<1>(t), std::get<2>(t)}; }
-variable_list as_list(const Tensors5& t) {
-  return {std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t), std::get<4>(t)};
+// The accumulation type of a storage type (float for half and bfloat16).
+at::ScalarType acc_type(const Tensor& t) {
+  return at::isReducedFloatingType(t.scalar_type()) ? at::kFloat : t.scalar_type();
+}
+// dx from the normalized input xhat, its scale a (rstd, times the weight for BatchNorm)
+// and g (dy, times the weight for LayerNorm), with the means over dims.
+Tensor normalized_dx(const Tensor& g, const Tensor& xhat, const Tensor& a, at::IntArrayRef dims) {
+  return a * (g - g.mean(dims, true) - xhat * (g * xhat).mean(dims, true));
+}
+// t summed over dims (none: t itself; at::sum over no dims would sum everything), in dtype.
+Tensor sum_to(const Tensor& t, at::IntArrayRef dims, at::ScalarType dtype) {
+  return (dims.empty() ? t : t.sum(dims)).to(dtype);
 }
 
-struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, c10::SymIntArrayRef normalized_shape,
-                               const OptTensor& weight, const OptTensor& bias, double eps) {
-    auto out = as_list(call_below_autograd(op<LayerNormFwd, kLayerNormFwd>(), input, normalized_shape, weight, bias, eps));
-    ctx->mark_non_differentiable({out[1], out[2]});
-    ctx->set_materialize_grads(false);  // no zero tensors for the statistics' (unused) gradients
-    // normalized_shape is the input's trailing dims (checked by the op): keep their count.
-    ctx->saved_data["k"] = static_cast<int64_t>(normalized_shape.size());
-    ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor()), out[1], out[2]});
-    return out;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
+// The graph's node pointer: c10::intrusive_ptr from torch 2.13, std::shared_ptr before
+// (with deleteNode, which the older headers declare and ADL finds).
+using NodePtr = decltype(torch::autograd::Edge::function);
+template <typename N>
+NodePtr make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<Node>>) {
+    return std::shared_ptr<N>(new N(), [](N* n) { deleteNode(n); });
+  } else {
+    return c10::make_intrusive<N>();
   }
+}
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(5);  // y did not reach the loss
-    const variable_list s = ctx->get_saved_variables();
-    const Tensor& input = s[0];
-    const int64_t k = ctx->saved_data["k"].toInt();
-    const variable_list g = wanted_grads(
-        ctx, s, call_backward_op(op<LayerNormBwd, kLayerNormBwd>(), grads[0], input, input.sym_sizes().slice(input.dim() - k),
-                                 s[3], s[4], optional(s[1]), optional(s[2])));
-    return {g[0], Tensor(), g[1], g[2], Tensor()};
+// The backward of a forward op as a plain graph node, the way torch's generated autograd
+// kernels build theirs (not a torch::autograd::Function, which functorch transforms
+// refuse): edges to input, weight and bias (invalid for an absent one), one graph input
+// for y; mean/rstd (batch_norm_fwd: every output but y) get no history, so they do not
+// require grad. N::grads(dy) returns the three gradients; each is kept only when its
+// edge wants it.
+template <typename N>
+struct NormBackward : Node {
+  SavedVariable input, weight, bias, stat0, stat1;
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return variable_list(3);  // y did not reach the loss
+    const Tensor x = input.unpack(), w = weight.unpack(), b = bias.unpack();
+    N& self = static_cast<N&>(*this);
+    // Under a torch.func grad transform (x is its wrapper) the backward always records a
+    // graph, and the backward ops' autograd (Python Functions) cannot run inside it: the
+    // gradients come from the formula in differentiable ATen ops instead, statistics
+    // recomputed from x so that every order is right.
+    auto [dx, dw, db] = at::GradMode::is_enabled() && x.key_set().has(c10::DispatchKey::FuncTorchGradWrapper)
+                            ? self.math_grads(grads[0], x, w, b, stat0.unpack(), stat1.unpack())
+                            : self.grads(grads[0], x, w, b, stat0.unpack(), stat1.unpack());
+    return {should_compute_output(0) ? dx : Tensor(), should_compute_output(1) ? dw : Tensor(),
+            should_compute_output(2) ? db : Tensor()};
+  }
+  void release_variables() override {
+    for (SavedVariable* v : {&input, &weight, &bias, &stat0, &stat1}) v->reset_data();
+  }
+  // Records the graph of a call (node, saved tensors, history on y); returns the node, which
+  // y's grad_fn keeps alive, for its own fields.
+  static N& record(const Tensor& y, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                   const Tensor& stat0, const Tensor& stat1) {
+    NodePtr node = make_node<N>();
+    N& n = static_cast<N&>(*node);
+    const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+    n.set_next_edges(torch::autograd::collect_next_edges(input, w, b));
+    n.input = SavedVariable(input, false);
+    n.weight = SavedVariable(w, false);
+    n.bias = SavedVariable(b, false);
+    n.stat0 = SavedVariable(stat0, false);
+    n.stat1 = SavedVariable(stat1, false);
+    torch::autograd::set_history(y, node);
+    return n;
+  }
+};
+
+struct LayerNormBackward : NormBackward<LayerNormBackward> {
+  int64_t k = 0;  // normalized_shape is the input's last k dims (checked by the op)
+  double eps = 0;
+  std::string name() const override { return "FusedLayerNormBackward"; }
+  Tensors3 grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor& b, const Tensor& mean,
+                 const Tensor& rstd) {
+    return call_backward_op(op<LayerNormBwd, kLayerNormBwd>(), dy, input, input.sym_sizes().slice(input.dim() - k),
+                            mean, rstd, optional(w), optional(b));
+  }
+  Tensors3 math_grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor& b, const Tensor&,
+                      const Tensor&) {
+    const at::ScalarType acc = acc_type(input);
+    std::vector<int64_t> dims, lead;
+    for (int64_t d = 0; d < input.dim(); ++d) (d < input.dim() - k ? lead : dims).push_back(d);
+    const Tensor x = input.to(acc), g0 = dy.to(acc);
+    const Tensor mean = x.mean(dims, true);
+    const Tensor rstd = ((x - mean).square().mean(dims, true) + eps).rsqrt();
+    const Tensor xhat = (x - mean) * rstd;
+    const Tensor dx = normalized_dx(w.defined() ? g0 * w.to(acc) : g0, xhat, rstd, dims).to(input.scalar_type());
+    return {dx, w.defined() ? sum_to(g0 * xhat, lead, w.scalar_type()) : Tensor(),
+            b.defined() ? sum_to(g0, lead, b.scalar_type()) : Tensor()};
   }
 };
 
 Tensors3 layer_norm_fwd_autograd(const Tensor& input, c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
                                  const OptTensor& bias, double eps) {
-  if (!records_graph(input, weight, bias)) {
-    return call_below_autograd(op<LayerNormFwd, kLayerNormFwd>(), input, normalized_shape, weight, bias, eps);
+  check_no_forward_ad(kLayerNormFwd, input, weight, bias);
+  auto out = call_below_autograd(op<LayerNormFwd, kLayerNormFwd>(), input, normalized_shape, weight, bias, eps);
+  if (records_graph(input, weight, bias)) {
+    LayerNormBackward& node = LayerNormBackward::record(std::get<0>(out), input, weight, bias, std::get<1>(out),
+                                                        std::get<2>(out));
+    node.k = static_cast<int64_t>(normalized_shape.size());
+    node.eps = eps;
   }
-  auto out = LayerNormFunction::apply(input, normalized_shape, weight, bias, eps);
-  return {out[0], out[1], out[2]};
+  return out;
 }
 
-struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
-                               const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
-                               const OptTensor& num_batches_tracked, bool training, c10::optional<double> momentum,
-                               double eps) {
-    auto out = as_list(call_below_autograd(op<BatchNormFwd, kBatchNormFwd>(), input, weight, bias, running_mean,
-                                           running_var, num_batches_tracked, training, momentum, eps));
-    ctx->mark_non_differentiable({out[1], out[2], out[3], out[4]});
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["training"] = training;
-    ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor()), out[1], out[2]});
-    return out;
+struct BatchNormBackward : NormBackward<BatchNormBackward> {
+  bool training = true;
+  double eps = 0;
+  std::string name() const override { return "FusedBatchNormBackward"; }
+  Tensors3 grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor& b, const Tensor& save_mean,
+                 const Tensor& save_invstd) {
+    return call_backward_op(op<BatchNormBwd, kBatchNormBwd>(), dy, input, optional(w), optional(b), save_mean,
+                            save_invstd, training);
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return variable_list(9);
-    const variable_list s = ctx->get_saved_variables();
-    variable_list g = wanted_grads(ctx, s,
-                                   call_backward_op(op<BatchNormBwd, kBatchNormBwd>(), grads[0], s[0], optional(s[1]),
-                                                    optional(s[2]), s[3], s[4], ctx->saved_data["training"].toBool()));
-    g.resize(9);  // nothing for the running statistics and the scalars
-    return g;
+  // Eval: the saved statistics are the running ones, constants.
+  Tensors3 math_grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor& b,
+                      const Tensor& save_mean, const Tensor& save_invstd) {
+    const at::ScalarType acc = acc_type(input);
+    std::vector<int64_t> dims{0}, shape(input.dim(), 1);
+    for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
+    shape[1] = -1;
+    const Tensor x = input.to(acc), g = dy.to(acc);
+    Tensor mean, invstd;
+    if (training) {
+      mean = x.mean(dims, true);
+      invstd = ((x - mean).square().mean(dims, true) + eps).rsqrt();
+    } else {
+      mean = save_mean.to(acc).view(shape);
+      invstd = save_invstd.to(acc).view(shape);
+    }
+    const Tensor xhat = (x - mean) * invstd;
+    const Tensor a = w.defined() ? invstd * w.to(acc).view(shape) : invstd;
+    const Tensor dx = (training ? normalized_dx(g, xhat, a, dims) : a * g).to(input.scalar_type());
+    return {dx, w.defined() ? sum_to(g * xhat, dims, w.scalar_type()) : Tensor(),
+            b.defined() ? sum_to(g, dims, b.scalar_type()) : Tensor()};
   }
 };
 
@@ -138,13 +219,16 @@ Tensors5 batch_norm_fwd_autograd(const Tensor& input, const OptTensor& weight, c
                                  const OptTensor& running_mean, const OptTensor& running_var,
                                  const OptTensor& num_batches_tracked, bool training, c10::optional<double> momentum,
                                  double eps) {
-  if (!records_graph(input, weight, bias)) {
-    return call_below_autograd(op<BatchNormFwd, kBatchNormFwd>(), input, weight, bias, running_mean, running_var,
-                               num_batches_tracked, training, momentum, eps);
+  check_no_forward_ad(kBatchNormFwd, input, weight, bias);
+  auto out = call_below_autograd(op<BatchNormFwd, kBatchNormFwd>(), input, weight, bias, running_mean, running_var,
+                                 num_batches_tracked, training, momentum, eps);
+  if (records_graph(input, weight, bias)) {
+    BatchNormBackward& node = BatchNormBackward::record(std::get<0>(out), input, weight, bias, std::get<1>(out),
+                                                        std::get<2>(out));
+    node.training = training;
+    node.eps = eps;
   }
-  auto out = BatchNormFunction::apply(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                                      momentum, eps);
-  return {out[0], out[1], out[2], out[3], out[4]};
+  return out;
 }
 
 }  // namespace
