@@ -105,8 +105,8 @@ NodePtr make_node() {
 // kernels build theirs (not a torch::autograd::Function, which functorch transforms
 // refuse): edges to input, weight and bias (invalid for an absent one), one graph input
 // for y; mean/rstd (batch_norm_fwd: every output but y) get no history, so they do not
-// require grad. N::grads(dy) returns the three gradients; each is kept only when its
-// edge wants it.
+// require grad. N::grads (the fused backward op) and N::math_grads (ATen ops) return the
+// three gradients; each is kept only when its edge wants it.
 template <typename N>
 struct NormBackward : Node {
   SavedVariable input, weight, bias, stat0, stat1;
@@ -114,11 +114,15 @@ struct NormBackward : Node {
     if (!grads[0].defined()) return variable_list(3);  // y did not reach the loss
     const Tensor x = input.unpack(), w = weight.unpack(), b = bias.unpack();
     N& self = static_cast<N&>(*this);
-    // Under a torch.func grad transform (x is its wrapper) the backward always records a
-    // graph, and the backward ops' autograd (Python Functions) cannot run inside it: the
-    // gradients come from the formula in differentiable ATen ops instead, statistics
-    // recomputed from x so that every order is right.
-    auto [dx, dw, db] = at::GradMode::is_enabled() && x.key_set().has(c10::DispatchKey::FuncTorchGradWrapper)
+    // Under a torch.func grad transform (its tensors are its wrappers) the backward always
+    // records a graph, and the backward ops' autograd (Python Functions) cannot run inside
+    // it: the gradients come from the formula in differentiable ATen ops instead,
+    // statistics recomputed from x so that every order is right.
+    auto wrapped = [](const Tensor& t) {
+      return t.defined() && t.key_set().has(c10::DispatchKey::FuncTorchGradWrapper);
+    };
+    const bool func_grad = wrapped(grads[0]) || wrapped(x) || wrapped(w) || wrapped(b);
+    auto [dx, dw, db] = at::GradMode::is_enabled() && func_grad
                             ? self.math_grads(grads[0], x, w, b, stat0.unpack(), stat1.unpack())
                             : self.grads(grads[0], x, w, b, stat0.unpack(), stat1.unpack());
     return {should_compute_output(0) ? dx : Tensor(), should_compute_output(1) ? dw : Tensor(),
