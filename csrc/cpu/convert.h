@@ -63,5 +63,3 @@ inline A fold_lanes(vec_t<A> v, A tail) {
   for (int64_t l = 0; l < kLanes<A>; ++l) tail += v[l];
   return tail;
 }
-
-

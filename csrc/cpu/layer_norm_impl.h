@@ -55,7 +55,7 @@ inline Moments<acc_t<T>> runs_moments(const T* x, int64_t runs, int64_t stride, 
   return Moments<A>{count, a + shift, m2 < 0 ? A(0) : m2};  // keeps a NaN m2
 }
 
-// Exact moments of n contiguous values.
+// Moments of n contiguous values (n >= 1).
 template <typename T>
 inline Moments<acc_t<T>> block_moments(const T* x, int64_t n) {
   return runs_moments(x, 1, 0, n);
