@@ -25,8 +25,9 @@ bool set_cpu_capability(const char* name);
 
 // Outputs of a call whose memory footprint (bytes read and written) is at least this many
 // bytes are written with non-temporal stores: they would not stay in cache with the
-// inputs anyway, and bypassing it saves the read for ownership. Default: the size of the
-// last-level cache (sysfs; 32 MiB when unknown). Settable for tests (0: always; -1
+// inputs anyway, and bypassing it saves the read for ownership. Default (cpu_dispatch.cpp):
+// the last-level cache (sysfs; 32 MiB when unknown), or on Intel the L2 of the threads in
+// use (at::get_num_threads()) when smaller. Settable for tests and tuning (0: always; -1
 // restores the default).
 int64_t stream_threshold_bytes();
 void set_stream_threshold_bytes(int64_t bytes);
