@@ -42,6 +42,11 @@ def cpu_capability(request):
     fused_norm.set_cpu_capability(current)
 
 
+def torch_norm_class(module):
+    """The torch.nn class a (possibly converted) norm module derives from."""
+    return next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn."))
+
+
 def ulp(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.export import Dim
 
 import fused_norm
-from conftest import CUDA_OK
+from conftest import CUDA_OK, torch_norm_class
 
 # torch.export's own pytree code warns about its LeafSpec deprecation; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
@@ -71,11 +71,6 @@ def _input(name, seed, device="cpu", batch=4):
     return (torch.randn(shape, generator=g) * 2 + 0.5).to(device)
 
 
-def _torch_norm_class(module):
-    """The torch.nn class a (possibly converted) norm module derives from."""
-    return next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn."))
-
-
 @contextlib.contextmanager
 def _record_norms(model):
     """For each norm call: its name, input dtype, output, and what torch's own module
@@ -84,7 +79,7 @@ def _record_norms(model):
 
     def hook(mod, args, out, name):
         with torch.no_grad():
-            ref = _torch_norm_class(mod).forward(copy.deepcopy(mod), *args)
+            ref = torch_norm_class(mod).forward(copy.deepcopy(mod), *args)
         seen.append((name, args[0].dtype, out, ref))
 
     hooks = [m.register_forward_hook(lambda mod, args, out, name=name: hook(mod, args, out, name))

@@ -5,6 +5,7 @@ unconverted model: training steps, eval, torch.compile and CPU autocast."""
 
 import contextlib
 import copy
+import functools
 import os
 
 import pytest
@@ -16,7 +17,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 
 import fused_norm  # noqa: E402
-from conftest import CUDA_OK  # noqa: E402
+from conftest import CUDA_OK, torch_norm_class  # noqa: E402
 
 NORMS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
 FUSED = (fused_norm.FusedLayerNorm, fused_norm.FusedBatchNorm1d, fused_norm.FusedBatchNorm2d,
@@ -201,11 +202,66 @@ AUTOCAST = [pytest.param("cpu", torch.bfloat16, id="cpu-bf16"), pytest.param("cp
             pytest.param("cuda", torch.float16, id="cuda-fp16", marks=_NO_CUDA)]
 
 
+@contextlib.contextmanager
+def _record_norm_grads(model):
+    """For each norm call (each norm is called once, and is the only consumer of its
+    input): the module, its input, and after backward the gradients of its output and of
+    its input (tensor hooks; the output hook sees the gradient from before any in-place
+    change made to the output downstream)."""
+    calls = {}
+
+    def forward_hook(mod, args, out, name):
+        call = calls[name] = dict(module=mod, x=args[0].detach())
+        out.register_hook(lambda g: call.update(dy=g))
+        args[0].register_hook(lambda g: call.update(dx=g))
+
+    hooks = [m.register_forward_hook(functools.partial(forward_hook, name=name))
+             for name, m in model.named_modules() if isinstance(m, NORMS)]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _assert_norm_grads_match_torch(calls, device, amp_dtype):
+    """Each of our norms against torch's own module (a copy of ours, same parameters and
+    running statistics) on the very input and output gradient ours got: the input gradient
+    within 2 ulps of its largest value in fp16/bf16 (16 in float32, where the order of the
+    row sums shows), the parameter gradients within 1e-5 of theirs."""
+    assert calls
+    for name, c in calls.items():
+        ours = c["module"]
+        ref = copy.deepcopy(ours)
+        for p in ref.parameters():
+            p.grad = None
+        x = c["x"].clone().requires_grad_()
+        with torch.autocast(device, dtype=amp_dtype):
+            y = torch_norm_class(ours).forward(ref, x)
+        y.backward(c["dy"])
+        ulps = 16 if x.dtype == torch.float32 else 2
+        got = [("input", c["dx"], x.grad, ulps * torch.finfo(x.dtype).eps)]
+        got += [(k, p.grad, q.grad, 1e-5) for (k, p), q in zip(ours.named_parameters(), ref.parameters())]
+        for what, a, b, rel in got:
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, what)
+            atol = rel * b.abs().max().float().clamp_min(1e-3).item()
+            torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=atol,
+                                       msg=lambda m: f"{name} grad of {what}: {m}")
+
+
 @pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
 @pytest.mark.parametrize("name", ["bert", "resnet_channels_last"])
 def test_autocast(name, device, amp_dtype):
-    """Under torch.autocast each norm sees and returns the dtypes torch's norm does, and
-    outputs and gradients match the unconverted model within low-precision tolerance."""
+    """Under torch.autocast each norm sees and returns the dtypes torch's norm does, the
+    outputs and running statistics match the unconverted model within low-precision
+    tolerance, and each norm's gradients match torch's norm on the same input and output
+    gradient.
+
+    The parameter gradients of the two whole models are not compared: in the low
+    precision they are dominated by amplified rounding. Multiplying the weight of one
+    BatchNorm of the unconverted ResNet by (1 + eps) moves a conv weight gradient by 24% of
+    its largest value in fp16 (28% in bf16), and each model's error against a float64 run
+    is 6-32% there, for torch's norms and ours alike."""
     model, make_inputs = MODELS[name]()
     model.to(device)
     converted = _convert_copy(model)
@@ -215,9 +271,10 @@ def test_autocast(name, device, amp_dtype):
         for m in (model, converted):
             m.train(training)
             m.zero_grad()
-            with torch.autocast(device, dtype=amp_dtype):
-                results.append(_step(m, inputs, backward=False))
-            results[-1][0].loss.backward()
+            with _record_norm_grads(m) as calls:
+                with torch.autocast(device, dtype=amp_dtype):
+                    results.append(_step(m, inputs, backward=False))
+                results[-1][0].loss.backward()
         (out_a, norms_a), (out_b, norms_b) = results
         assert norms_b == norms_a
         # Every BatchNorm follows a conv and runs in the low precision; every LayerNorm of
@@ -226,9 +283,6 @@ def test_autocast(name, device, amp_dtype):
         tol = dict(rtol=2e-2, atol=2e-2)  # relative to the largest value
         scale = out_a.logits.detach().abs().max()
         _assert_same(out_a.logits / scale, out_b.logits / scale, "logits", **tol)
-        ga, gb = _grads(model), _grads(converted)
-        for k in ga:
-            scale = ga[k].abs().max().clamp_min(1e-3)
-            _assert_same(ga[k] / scale, gb[k] / scale, f"grad {k}", **tol)
+        _assert_norm_grads_match_torch(calls, device, amp_dtype)
         for (k, a), b in zip(model.named_buffers(), converted.buffers()):
             _assert_same(a, b, k, **tol)
