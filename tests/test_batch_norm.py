@@ -252,6 +252,33 @@ def test_nan_inf_stay_in_their_channel_like_torch(device, shape, fmt):
     torch.testing.assert_close(y[:, 3:], y_ref[:, 3:])
 
 
+# Statistics of channels whose mean is far from zero against their spread (raw pixel
+# values, a shifted activation), with the first value of each channel at 4 standard
+# deviations (statistics may shift by it), over every kernel layout and long reductions.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("shape,fmt", [((300, 2100), None), ((1000, 7), None), ((4, 3, 2100), None),
+                                       ((8, 16, 20, 20), None), ((8, 16, 20, 20), CL)],
+                         ids=["NC-wide", "NC-narrow", "NCL", "NCHW", "NHWC"])
+def test_offset_data_like_torch(device, shape, fmt, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) + 200
+    x[0] += 4
+    x = x.to(device=device, dtype=dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    out = []
+    for f, xi, dyi in ((fused_norm.batch_norm, x, dy), (F.batch_norm, x, dy), (F.batch_norm, x.double(), dy.double())):
+        xi = xi.detach().requires_grad_()
+        rm = torch.zeros(shape[1], device=device, dtype=torch.float64 if xi.dtype == torch.float64 else torch.float32)
+        rv = torch.ones_like(rm)
+        y = f(xi, rm, rv, training=True, momentum=1.0)
+        y.backward(dyi)
+        out.append((y.detach(), xi.grad, rm, rv))
+    for name, ours, theirs, ref in zip(("y", "dx", "running_mean", "running_var"), *out):
+        _assert_accurate(ours, theirs, ref, dtype if name in ("y", "dx") else theirs.dtype, name)
+
+
 @pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True), (False, False)],
                          ids=["wb", "w", "b", "none"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -4,12 +4,10 @@
 //  * kNCS: each (n, c) plane is S contiguous values of one channel. The tensor is cut
 //    into runs of at most kBlock values of one plane; runs are processed in parallel.
 //  * kNSC: rows of C contiguous channels. Reductions work on blocks of kBlockRows rows,
-//    swept row by row (and, for the second pass of the statistics of narrow rows, a chunk
-//    of channels down the block); elementwise passes on chunks of at most kBlock channels
-//    of a row.
+//    swept row by row; elementwise passes on chunks of at most kBlock channels of a row.
 //
-// Training forward: one read of x computes exact moments per run / per row block (two
-// vectorized sweeps over L1/L2-resident data, in the accumulation type), which are merged
+// Training forward: one read of x computes exact moments per run / per row block (one
+// vectorized sweep of sums shifted by the run's / block's first value), which are merged
 // per channel in double in a fixed order; the normalize pass applies one scale and shift
 // per channel. Half and bfloat16 are converted in registers (vec_io.h), never copied.
 // Backward: per-run / per-row-block sums of dy and dy * (x - mean) (products in the
@@ -207,119 +205,104 @@ inline auto load_chunk(const T* p, int64_t j, int64_t last) {
   }
 }
 
-// Runs f(Chunk{}, c, last) over the channels [0, nc) of a kNSC row block: chunks of kV
-// full vectors (accumulators stay in registers over the block's rows), then single
-// vectors, then one partial vector with last = the number of channels left.
-template <int64_t kV, bool kPartial>
-struct Chunk {
-  static constexpr int64_t vecs = kV;
-  static constexpr bool partial = kPartial;
-};
-template <typename A, int64_t kV, typename F>
-inline void for_column_chunks(int64_t nc, F&& f) {
-  constexpr int64_t L = kLanes<A>;
-  int64_t c = 0;
-  for (; c + kV * L <= nc; c += kV * L) f(Chunk<kV, false>{}, c, L);
-  for (; c + L <= nc; c += L) f(Chunk<1, false>{}, c, L);
-  if (c < nc) f(Chunk<1, true>{}, c, nc - c);
-}
-
-// kNSC moments of each row block (blocks.rb rows) and channel. The block's column sums in
-// A, row by row (RowSweep, which prefetches ahead), give the shift a; a second sweep, from
-// L2, sums d = x - a and d * d, so that mean = a + sum d / n and M2 = sum d^2 - (sum d)^2 / n
-// are accurate however far a is from the exact mean. For rows narrower than
-// kRowSweepBytes the second sweep goes down the block kV vectors of channels at a time,
-// accumulators in registers; wider rows are swept row by row again, the sums kept in the
-// per-thread scratch row. Every channel's sums are added in the same order either way.
-// Alternating processes, against sweeping 256-channel tiles for both passes (the next
-// tile prefetched row by row before each), on tensors larger than the L3: bf16
-// (128, 256, 28, 28) channels_last 6.2 -> 9.2-11.8 elements/ns on one thread, 1.1x-2.2x
-// on two, (131072, 256) 1.2x-1.7x; float and C = 64 unchanged (0.8x-1.2x). Rows swept
-// twice by rows against the same tiles: bf16 (8192, 1024) 1.2x-1.5x, (8192, 2048)
-// 1.2x-1.3x, float (8192, 1024) 0.97x-1.10x, but narrower rows 0.83x-0.94x: hence the
-// narrow second sweep.
-constexpr int64_t kRowSweepBytes = 2048;
-template <typename T, typename A>
-void nsc_moments(const NscBlocks& blocks, const T* x, double* part_mean, double* part_m2) {
+// kNSC sums of two per-element terms over the rows of row block k, per channel, into
+// s0[c] and s1[c]. Each thread sweeps its row blocks row by row, all channels (sequential
+// reads, RowSweep's prefetch of the tensors in `prefetch`; the partial sums live in
+// memory): the terms of kWidenGroup rows are summed in A, then added into S (double, or
+// float for the statistics of 16-bit types), in an order fixed by the shape. terms(partial, c, last) gives, for the channel vector at c,
+// a function row(q, t0, t1) adding row q's two terms to t0 and t1.
+// Measured side by side on this project's benchmark machine for the backward sums
+// against sweeping tile by tile (a chunk of channels down 256 rows, sums in registers;
+// same sums in the same order): 1.3x-2.0x faster on (8192, 1024) float, 1.2x-1.6x on
+// bfloat16 (8192, 1024), (32768, 256) and (32, 256, 28, 28) channels_last, no slower on
+// small tensors.
+template <typename T, typename A, typename S, size_t kTensors, typename F>
+void nsc_block_sums(const NscBlocks& blocks, const RowSweep<T, A>& sweep, int64_t k,
+                    const std::array<const T*, kTensors>& prefetch, S* s0, S* s1, F&& terms) {
+  constexpr int64_t D = kLanes<A> / kLanes<S>, LD = kLanes<S>;
   const int64_t C = blocks.C;
-  const RowSweep<T, A> sweep(blocks.rows, C);
-  const bool narrow = C * static_cast<int64_t>(sizeof(T)) < kRowSweepBytes;
-  // The first n lanes of v (all of them unless kPartial) stored at p.
-  auto store = [](auto partial, A* p, vec_t<A> v, int64_t n) {
-    if constexpr (decltype(partial)::value) {
-      for (int64_t i = 0; i < n; ++i) p[i] = v[i];
-    } else {
-      store_vec(p, v);
-    }
-  };
-  at::parallel_for(0, blocks.count, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<A> scratch(3 * C);
-    A* shift = scratch.data();
-    A* sum_d = shift + C;
-    A* sum_dd = sum_d + C;
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t r0 = k * blocks.rb, r1 = r0 + blocks.block_rows(k);
-      const A nr = static_cast<A>(r1 - r0);
-      std::fill(scratch.begin(), scratch.end(), A(0));
-      for (int64_t r = r0; r < r1; r += kWidenGroup) {
-        const int64_t q1 = std::min(r1, r + kWidenGroup);
-        sweep.chunks(r, std::array<const T*, 1>{x}, [&](auto partial, int64_t c, int64_t last) {
-          constexpr bool kP = decltype(partial)::value;
-          vec_t<A> a = load_chunk<kP>(shift + c, 0, last);
-          for (int64_t q = r; q < q1; ++q) a += load_chunk<kP>(x + q * C + c, 0, last);
-          store(partial, shift + c, a, last);
-        });
+  std::fill(s0, s0 + C, S(0));
+  std::fill(s1, s1 + C, S(0));
+  const int64_t r0 = k * blocks.rb, r1 = r0 + blocks.block_rows(k);
+  for (int64_t r = r0; r < r1; r += kWidenGroup) {
+    const int64_t q1 = std::min(r1, r + kWidenGroup);
+    sweep.chunks(r, prefetch, [&](auto partial, int64_t c, int64_t last) {
+      constexpr bool kPartial = decltype(partial)::value;
+      const auto row = terms(partial, c, last);
+      vec_t<A> t0 = {}, t1 = {};
+      for (int64_t q = r; q < q1; ++q) row(q, t0, t1);
+      vec_t<S> d0[D], d1[D];
+      for (int64_t d = 0; d < D; ++d) {
+        d0[d] = kPartial ? vec_t<S>{} : loadu(s0 + c + d * LD);
+        d1[d] = kPartial ? vec_t<S>{} : loadu(s1 + c + d * LD);
       }
-      // A non-finite shift would turn every d into NaN: 0 instead lets an inf reach the
-      // mean as in torch (mean inf, variance NaN).
-      for (int64_t c = 0; c < C; ++c) shift[c] = std::isfinite(shift[c]) ? shift[c] / nr : A(0);
-      // The block again, from L2: nothing to prefetch.
-      if (narrow) {
-        for_column_chunks<A, 4>(C, [&](auto chunk, int64_t c, int64_t last) {
-          using Ch = decltype(chunk);
-          constexpr int64_t V = Ch::vecs, L = kLanes<A>;
-          vec_t<A> a[V], sd[V] = {}, sdd[V] = {};
-          for (int64_t j = 0; j < V; ++j) a[j] = load_chunk<Ch::partial>(shift + c, j, last);
-          for (int64_t r = r0; r < r1; ++r) {
-            for (int64_t j = 0; j < V; ++j) {
-              const vec_t<A> d = load_chunk<Ch::partial>(x + r * C + c, j, last) - a[j];
-              sd[j] += d;
-              sdd[j] += d * d;
-            }
-          }
-          for (int64_t j = 0; j < V; ++j) {
-            store(std::bool_constant<Ch::partial>{}, sum_d + c + j * L, sd[j], last);
-            store(std::bool_constant<Ch::partial>{}, sum_dd + c + j * L, sdd[j], last);
-          }
-        });
+      add_lanes(d0, t0);
+      add_lanes(d1, t1);
+      if constexpr (kPartial) {
+        for (int64_t i = 0; i < last; ++i) {
+          s0[c + i] += d0[i / LD][i % LD];
+          s1[c + i] += d1[i / LD][i % LD];
+        }
       } else {
-        for (int64_t r = r0; r < r1; r += kWidenGroup) {
-          const int64_t q1 = std::min(r1, r + kWidenGroup);
-          sweep.chunks(r, std::array<const T*, 0>{}, [&](auto partial, int64_t c, int64_t last) {
-            constexpr bool kP = decltype(partial)::value;
-            const vec_t<A> a = load_chunk<kP>(shift + c, 0, last);
-            vec_t<A> sd = load_chunk<kP>(sum_d + c, 0, last), sdd = load_chunk<kP>(sum_dd + c, 0, last);
-            for (int64_t q = r; q < q1; ++q) {
-              const vec_t<A> d = load_chunk<kP>(x + q * C + c, 0, last) - a;
-              sd += d;
-              sdd += d * d;
-            }
-            store(partial, sum_d + c, sd, last);
-            store(partial, sum_dd + c, sdd, last);
-          });
+        for (int64_t d = 0; d < D; ++d) {
+          store_vec(s0 + c + d * LD, d0[d]);
+          store_vec(s1 + c + d * LD, d1[d]);
         }
       }
+    });
+  }
+}
+
+// kNSC moments of each row block (blocks.rb rows) and channel, in one sweep
+// (nsc_block_sums): sums of d = x - a and d * d, shifted by the block's first row a, so
+// that mean = a + sum d / n and M2 = sum d^2 - (sum d)^2 / n, as ln::runs_moments does
+// for kNCS runs. For float and double x the sums are added in double every kWidenGroup
+// rows: summed in float down a block of 256 rows, the cancellation of that M2 gave 10x
+// torch's error in y on float (300, 2100). For 16-bit x (8 or 11 significant bits),
+// float sums lose nothing that matters and take no conversions. Against the previous
+// two sweeps (column sums for a shift at the block mean, then the sums of d from L2), one
+// thread, medians of 4 alternating processes: bf16 (32, 256, 28, 28) channels_last
+// 0.85 -> 0.59 ms, (8192, 1024) 1.37 -> 0.90 ms, cache-resident (2048, 256) 0.076 ->
+// 0.058 ms; float (32, 256, 28, 28) channels_last 1.93 -> 1.34 ms, (8192, 1024) 3.55 ->
+// 2.89 ms, cache-resident unchanged.
+template <typename T, typename A>
+void nsc_moments(const NscBlocks& blocks, const T* x, double* part_mean, double* part_m2) {
+  using S = stat_sum_t<T>;
+  const int64_t C = blocks.C;
+  const RowSweep<T, A> sweep(blocks.rows, C);
+  at::parallel_for(0, blocks.count, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<A> shift(C);
+    std::vector<S> sums(2 * C);
+    S* sd = sums.data();
+    S* sdd = sd + C;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = k * blocks.rb;
+      // A non-finite shift would turn every d into NaN: 0 instead lets an inf reach the
+      // mean as in torch (mean inf, variance NaN).
       for (int64_t c = 0; c < C; ++c) {
-        const double sd = static_cast<double>(sum_d[c]), n = static_cast<double>(r1 - r0);
-        const double m2 = static_cast<double>(sum_dd[c]) - sd * (sd / n);
-        part_mean[k * C + c] = static_cast<double>(shift[c]) + sd / n;
+        const A a = to_acc<A>(x[r0 * C + c]);
+        shift[c] = std::isfinite(a) ? a : A(0);
+      }
+      nsc_block_sums(blocks, sweep, k, std::array<const T*, 1>{x}, sd, sdd, [&](auto partial, int64_t c, int64_t last) {
+        constexpr bool kP = decltype(partial)::value;
+        const vec_t<A> a = load_chunk<kP>(shift.data() + c, 0, last);
+        return [=](int64_t q, vec_t<A>& t0, vec_t<A>& t1) {
+          const vec_t<A> d = load_chunk<kP>(x + q * C + c, 0, last) - a;
+          t0 += d;
+          t1 += d * d;
+        };
+      });
+      const double n = static_cast<double>(blocks.block_rows(k));
+      for (int64_t c = 0; c < C; ++c) {
+        const double s1 = static_cast<double>(sd[c]), m2 = static_cast<double>(sdd[c]) - s1 * (s1 / n);
+        part_mean[k * C + c] = static_cast<double>(shift[c]) + s1 / n;
         part_m2[k * C + c] = m2 < 0 ? 0.0 : m2;  // keeps a NaN
       }
     }
   });
 }
 
-// Exact moments of every channel: per run / row block in A, merged in double.
+// Exact moments of every channel: per run / row block (stat_sum_t), merged in double.
 template <typename T, typename A = acc_t<T>>
 std::vector<Moments<double>> channel_moments(const BatchNormFwdParams& p) {
   const T* x = static_cast<const T*>(p.x);
@@ -327,7 +310,7 @@ std::vector<Moments<double>> channel_moments(const BatchNormFwdParams& p) {
   std::vector<Moments<double>> out(C);
   if (p.layout == BatchNormLayout::kNCS) {
     const NcsRuns runs(p.N, C, p.S, /*group_planes=*/true);
-    std::vector<Moments<A>> part(runs.count());
+    std::vector<Moments<stat_sum_t<T>>> part(runs.count());
     runs.parallel([&](int64_t, int64_t off, int64_t len, int64_t r, int64_t np) {
       part[r] = ln::runs_moments(x + off, np, runs.plane_stride(), len);
     });
@@ -427,36 +410,6 @@ void forward(const BatchNormFwdParams& p) {
   });
 }
 
-// The lanes of v added to the kLanes<A> / kLanes<double> double vectors at acc.
-inline void add_lanes(vec_t<double>* acc, vec_t<double> v) { acc[0] += v; }
-// The float lanes are widened in registers: one conversion per half with AVX-512 and
-// AVX2, for which g++'s generic conversion takes four instructions (and copying the
-// halves out through memory put the callers' sums on the stack).
-inline void add_lanes(vec_t<double>* acc, vec_t<float> v) {
-  vec_t<double> lo, hi;
-#if FN_VEC_BYTES == 64
-  __m512 f;
-  std::memcpy(&f, &v, sizeof(f));
-  const __m512d l = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
-  const __m512d h = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
-#elif FN_VEC_BYTES == 32
-  __m256 f;
-  std::memcpy(&f, &v, sizeof(f));
-  const __m256d l = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
-  const __m256d h = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
-#else
-  const vec_t<double> l = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1), vec_t<double>);
-  const vec_t<double> h = __builtin_convertvector(__builtin_shufflevector(v, v, 2, 3), vec_t<double>);
-#endif
-  std::memcpy(&lo, &l, sizeof(lo));
-  std::memcpy(&hi, &h, sizeof(hi));
-  acc[0] += lo;
-  acc[1] += hi;
-}
-template <typename A>
-constexpr int64_t kDoubleVecs = kLanes<A> / kLanes<double>;
-
-
 // sum dy and sum dy * (x - mean) over `runs` runs of n values of one channel (run r at
 // offset r * stride): products and groups of kWidenGroup in A, sums in double lanes (long,
 // cancelling sums stay as accurate as torch's), folded once at the end.
@@ -499,59 +452,25 @@ inline void grad_sums_runs(const T* __restrict x, const T* __restrict dy, int64_
   sum_dyx = fold_lanes<double>(sx[0], tail_x);
 }
 
-// kNSC backward sums, per (row block of blocks.rb rows, channel) into ps/psx: sums of dy
-// and dy * (x - mean) over kWidenGroup rows in A, added into double. Each thread sweeps
-// its row blocks row by row, all channels (sequential reads; the partial sums live in
-// memory). Measured side by side on this project's benchmark machine against sweeping
-// tile by tile (a chunk of channels down 256 rows, sums in registers; same sums in the
-// same order): 1.3x-2.0x faster on (8192, 1024) float, 1.2x-1.6x on bfloat16 (8192, 1024),
-// (32768, 256) and (32, 256, 28, 28) channels_last, no slower on small tensors.
+// kNSC backward sums, per (row block of blocks.rb rows, channel): sums of dy and
+// dy * (x - mean) (nsc_block_sums).
 template <typename T, typename A>
 void nsc_grad_sums(const NscBlocks& blocks, const T* x, const T* dy, const A* mean, double* part_s,
                    double* part_sx) {
   const int64_t C = blocks.C;
   const RowSweep<T, A> sweep(blocks.rows, C);
   at::parallel_for(0, blocks.count, 1, [&](int64_t k0, int64_t k1) {
-    constexpr int64_t D = kDoubleVecs<A>, LD = kLanes<double>;
     for (int64_t k = k0; k < k1; ++k) {
-      double* ps = part_s + k * C;
-      double* psx = part_sx + k * C;
-      std::fill(ps, ps + C, 0.0);
-      std::fill(psx, psx + C, 0.0);
-      // Rows [r, r + nq) (nq <= kWidenGroup): channels c..c+L-1 (`last` of them with
-      // kPartial) summed in A, then added to the double sums.
-      auto add_rows = [&](int64_t r, int64_t nq) {
-        sweep.chunks(r, std::array<const T*, 2>{x, dy}, [&](auto partial, int64_t c, int64_t last) {
-          constexpr bool kPartial = decltype(partial)::value;
-          const vec_t<A> m = load_chunk<kPartial>(mean + c, 0, last);
-          vec_t<A> gs = {}, gx = {};
-          for (int64_t q = r; q < r + nq; ++q) {
-            const vec_t<A> g = load_chunk<kPartial>(dy + q * C + c, 0, last);
-            gs += g;
-            gx += g * (load_chunk<kPartial>(x + q * C + c, 0, last) - m);
-          }
-          vec_t<double> s[D], sx[D];
-          for (int64_t d = 0; d < D; ++d) {
-            s[d] = kPartial ? vec_t<double>{} : loadu(ps + c + d * LD);
-            sx[d] = kPartial ? vec_t<double>{} : loadu(psx + c + d * LD);
-          }
-          add_lanes(s, gs);
-          add_lanes(sx, gx);
-          if constexpr (kPartial) {
-            for (int64_t i = 0; i < last; ++i) {
-              ps[c + i] += s[i / LD][i % LD];
-              psx[c + i] += sx[i / LD][i % LD];
-            }
-          } else {
-            for (int64_t d = 0; d < D; ++d) {
-              store_vec(ps + c + d * LD, s[d]);
-              store_vec(psx + c + d * LD, sx[d]);
-            }
-          }
-        });
-      };
-      const int64_t r0 = k * blocks.rb, r1 = r0 + blocks.block_rows(k);
-      for (int64_t r = r0; r < r1; r += kWidenGroup) add_rows(r, std::min(kWidenGroup, r1 - r));
+      nsc_block_sums(blocks, sweep, k, std::array<const T*, 2>{x, dy}, part_s + k * C, part_sx + k * C,
+                     [&](auto partial, int64_t c, int64_t last) {
+                       constexpr bool kP = decltype(partial)::value;
+                       const vec_t<A> m = load_chunk<kP>(mean + c, 0, last);
+                       return [=](int64_t q, vec_t<A>& t0, vec_t<A>& t1) {
+                         const vec_t<A> g = load_chunk<kP>(dy + q * C + c, 0, last);
+                         t0 += g;
+                         t1 += g * (load_chunk<kP>(x + q * C + c, 0, last) - m);
+                       };
+                     });
     }
   });
 }

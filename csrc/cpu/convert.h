@@ -63,3 +63,10 @@ inline A fold_lanes(vec_t<A> v, A tail) {
   for (int64_t l = 0; l < kLanes<A>; ++l) tail += v[l];
   return tail;
 }
+
+// The type of the statistics' partial results (the moments runs_moments returns, the sums
+// of the kNSC moments): double for float and double x, for which float loses digits that
+// the output keeps; float for half and bfloat16 (11 and 8 significant bits), where that
+// loss does not show and the conversions would cost time.
+template <typename T>
+using stat_sum_t = std::conditional_t<sizeof(T) == 2, float, double>;

@@ -211,3 +211,33 @@ inline void store_loop(T* __restrict out, int64_t n, FV&& vec, FS&& scalar) {
   for (; i + L <= n; i += L) store_vec(out + i, vec(i));
   for (; i < n; ++i) out[i] = from_acc<T>(scalar(i));
 }
+
+// The lanes of v added to the kLanes<A> / kLanes<S> vectors of S at acc.
+inline void add_lanes(vec_t<double>* acc, vec_t<double> v) { acc[0] += v; }
+inline void add_lanes(vec_t<float>* acc, vec_t<float> v) { acc[0] += v; }
+// The float lanes are widened in registers: one conversion per half with AVX-512 and
+// AVX2, for which g++'s generic conversion takes four instructions (and copying the
+// halves out through memory put the callers' sums on the stack).
+inline void add_lanes(vec_t<double>* acc, vec_t<float> v) {
+  vec_t<double> lo, hi;
+#if FN_VEC_BYTES == 64
+  __m512 f;
+  std::memcpy(&f, &v, sizeof(f));
+  const __m512d l = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+  const __m512d h = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
+#elif FN_VEC_BYTES == 32
+  __m256 f;
+  std::memcpy(&f, &v, sizeof(f));
+  const __m256d l = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+  const __m256d h = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+#else
+  const vec_t<double> l = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1), vec_t<double>);
+  const vec_t<double> h = __builtin_convertvector(__builtin_shufflevector(v, v, 2, 3), vec_t<double>);
+#endif
+  std::memcpy(&lo, &l, sizeof(lo));
+  std::memcpy(&hi, &h, sizeof(hi));
+  acc[0] += lo;
+  acc[1] += hi;
+}
+template <typename A>
+constexpr int64_t kDoubleVecs = kLanes<A> / kLanes<double>;
