@@ -209,8 +209,9 @@ inline auto load_chunk(const T* p, int64_t j, int64_t last) {
 // s0[c] and s1[c]. Each thread sweeps its row blocks row by row, all channels (sequential
 // reads, RowSweep's prefetch of the tensors in `prefetch`; the partial sums live in
 // memory): the terms of kWidenGroup rows are summed in A, then added into S (double, or
-// float for the statistics of 16-bit types), in an order fixed by the shape. terms(partial, c, last) gives, for the channel vector at c,
-// a function row(q, t0, t1) adding row q's two terms to t0 and t1.
+// float for the statistics of 16-bit types), in an order fixed by the shape.
+// terms(partial, c, last) gives, for the channel vector at c, a function row(q, t0, t1)
+// adding row q's two terms to t0 and t1.
 // Measured side by side on this project's benchmark machine for the backward sums
 // against sweeping tile by tile (a chunk of channels down 256 rows, sums in registers;
 // same sums in the same order): 1.3x-2.0x faster on (8192, 1024) float, 1.2x-1.6x on
