@@ -267,14 +267,15 @@ def test_autocast(name, device, amp_dtype):
     converted = _convert_copy(model)
     for training in (True, False):
         inputs = make_inputs(5, device)
-        results = []
+        results, calls = [], []
         for m in (model, converted):
             m.train(training)
             m.zero_grad()
-            with _record_norm_grads(m) as calls:
+            with _record_norm_grads(m) as c:
                 with torch.autocast(device, dtype=amp_dtype):
                     results.append(_step(m, inputs, backward=False))
                 results[-1][0].loss.backward()
+            calls.append(c)
         (out_a, norms_a), (out_b, norms_b) = results
         assert norms_b == norms_a
         # Every BatchNorm follows a conv and runs in the low precision; every LayerNorm of
@@ -283,6 +284,9 @@ def test_autocast(name, device, amp_dtype):
         tol = dict(rtol=2e-2, atol=2e-2)  # relative to the largest value
         scale = out_a.logits.detach().abs().max()
         _assert_same(out_a.logits / scale, out_b.logits / scale, "logits", **tol)
-        _assert_norm_grads_match_torch(calls, device, amp_dtype)
+        # The unconverted model's norms too: the recorded gradients are torch's own, so
+        # this checks the recording (a hook that saw the wrong gradient would fail it).
+        for c in calls:
+            _assert_norm_grads_match_torch(c, device, amp_dtype)
         for (k, a), b in zip(model.named_buffers(), converted.buffers()):
             _assert_same(a, b, k, **tol)
