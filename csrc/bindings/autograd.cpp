@@ -8,10 +8,18 @@
 // batch_norm_bwd) keep their Python autograd (the double backward, fused_norm/_ops.py):
 // a node calls them through the dispatcher when it records a graph (create_graph), and
 // below autograd otherwise, which is what their autograd kernel would do.
+// Compiled autograd (torch._dynamo.compiled_autograd) traces the nodes the way it traces
+// torch's generated ones: compiled_args keys its cache on the node's constants, and
+// apply_with_saved proxies a functional form of the backward (a static function of the
+// gradient, the saved tensors and the constants) into its graph.
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
+
+#include <array>
+#include <tuple>
 
 namespace fused_norm {
 namespace {
@@ -101,19 +109,25 @@ NodePtr make_node() {
   }
 }
 
+using torch::dynamo::autograd::IValuePacker;
+using torch::dynamo::autograd::PackedArgs;
+using torch::dynamo::autograd::SwapSavedVariables;
+
 // The backward of a forward op as a plain graph node, the way torch's generated autograd
 // kernels build theirs (not a torch::autograd::Function, which functorch transforms
 // refuse): edges to input, weight and bias (invalid for an absent one), one graph input
 // for y; mean/rstd (batch_norm_fwd: every output but y) get no history, so they do not
-// require grad. N::grads (the fused backward op) and N::math_grads (ATen ops) return the
-// three gradients; each is kept only when its edge wants it.
-template <typename N>
+// require grad. F holds the op's constants (F::constants(f): a tuple of references to
+// them) and computes the three gradients: F::grads with the fused backward op, F::math_grads
+// with ATen ops; each gradient is kept only when its edge wants it.
+template <typename F>
 struct NormBackward : Node {
+  F f;
   SavedVariable input, weight, bias, stat0, stat1;
+  std::string name() const override { return F::kName; }
   variable_list apply(variable_list&& grads) override {
     if (!grads[0].defined()) return variable_list(3);  // y did not reach the loss
     const Tensor x = input.unpack(), w = weight.unpack(), b = bias.unpack();
-    N& self = static_cast<N&>(*this);
     // Under a torch.func grad transform (its tensors are its wrappers) the backward always
     // records a graph, and the backward ops' autograd (Python Functions) cannot run inside
     // it: the gradients come from the formula in differentiable ATen ops instead,
@@ -123,20 +137,49 @@ struct NormBackward : Node {
     };
     const bool func_grad = wrapped(grads[0]) || wrapped(x) || wrapped(w) || wrapped(b);
     auto [dx, dw, db] = at::GradMode::is_enabled() && func_grad
-                            ? self.math_grads(grads[0], x, w, b, stat0.unpack(), stat1.unpack())
-                            : self.grads(grads[0], x, w, b, stat0.unpack(), stat1.unpack());
-    return {should_compute_output(0) ? dx : Tensor(), should_compute_output(1) ? dw : Tensor(),
-            should_compute_output(2) ? db : Tensor()};
+                            ? f.math_grads(grads[0], x, w, b, stat0.unpack(), stat1.unpack())
+                            : f.grads(grads[0], x, w, b, stat0.unpack(), stat1.unpack());
+    return kept({dx, dw, db}, needs_grad());
   }
   void release_variables() override {
-    for (SavedVariable* v : {&input, &weight, &bias, &stat0, &stat1}) v->reset_data();
+    for (SavedVariable* v : saved()) v->reset_data();
   }
-  // Records the graph of a call (node, saved tensors, history on y); returns the node, which
-  // y's grad_fn keeps alive, for its own fields.
-  static N& record(const Tensor& y, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+
+  // Compiled autograd. The cache key: saved tensors (lifted to graph inputs), which
+  // gradients are wanted and the constants (specialized on).
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    for (const SavedVariable* v : saved()) args.collect(*v, /*is_output=*/false);
+    args.collect(needs_grad());
+    std::apply([&](const auto&... c) { (args.collect(c), ...); }, F::constants(f));
+  }
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& swap) override {
+    for (SavedVariable* v : saved()) swap.before(*v);
+    const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
+    // Bound once per process, as torch binds its generated nodes.
+    static const std::string bound = py->bind_function(swap.get_py_compiler(), F::kName,
+                                                       &apply_functional, packed_schema());
+    PackedArgs packed;
+    packed.pack(needs_grad());
+    packed.pack(input.unpack());
+    packed.pack(optional(weight.unpack()));
+    packed.pack(optional(bias.unpack()));
+    packed.pack(stat0.unpack());
+    packed.pack(stat1.unpack());
+    std::apply([&](const auto&... c) { (packed.pack(c), ...); }, F::constants(f));
+    const auto output_metadata = IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+        torch::dynamo::autograd::get_input_metadata(next_edges()));
+    variable_list out =
+        py->call_function(swap.get_py_compiler(), "apply_functional", bound, grads, packed.vec(), output_metadata);
+    for (SavedVariable* v : saved()) swap.after(*v);
+    return out;
+  }
+
+  // Records the graph of a call (node, saved tensors, history on y); returns the node's
+  // constants, for the caller to fill.
+  static F& record(const Tensor& y, const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                    const Tensor& stat0, const Tensor& stat1) {
-    NodePtr node = make_node<N>();
-    N& n = static_cast<N&>(*node);
+    NodePtr node = make_node<NormBackward>();
+    auto& n = static_cast<NormBackward&>(*node);
     const Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
     n.set_next_edges(torch::autograd::collect_next_edges(input, w, b));
     n.input = SavedVariable(input, false);
@@ -145,21 +188,61 @@ struct NormBackward : Node {
     n.stat0 = SavedVariable(stat0, false);
     n.stat1 = SavedVariable(stat1, false);
     torch::autograd::set_history(y, node);
-    return n;
+    return n.f;
+  }
+
+ private:
+  std::array<SavedVariable*, 5> saved() { return {&input, &weight, &bias, &stat0, &stat1}; }
+  std::array<const SavedVariable*, 5> saved() const { return {&input, &weight, &bias, &stat0, &stat1}; }
+  std::vector<bool> needs_grad() const {
+    return {task_should_compute_output(0), task_should_compute_output(1), task_should_compute_output(2)};
+  }
+  static variable_list kept(Tensors3 g, const std::vector<bool>& needs) {
+    auto& [dx, dw, db] = g;
+    return {needs[0] ? dx : Tensor(), needs[1] ? dw : Tensor(), needs[2] ? db : Tensor()};
+  }
+  // The types apply_with_saved packs, in its order.
+  static std::vector<at::TypePtr> packed_schema() {
+    std::vector<at::TypePtr> schema{IValuePacker<std::vector<bool>>::packed_type(),
+                                    IValuePacker<Tensor>::packed_type(),
+                                    IValuePacker<OptTensor>::packed_type(),
+                                    IValuePacker<OptTensor>::packed_type(),
+                                    IValuePacker<Tensor>::packed_type(),
+                                    IValuePacker<Tensor>::packed_type()};
+    F f;
+    std::apply([&](const auto&... c) { (schema.push_back(IValuePacker<std::decay_t<decltype(c)>>::packed_type()), ...); },
+               F::constants(f));
+    return schema;
+  }
+  // The backward as a function of its packed arguments (what compiled autograd traces).
+  static variable_list apply_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
+    PackedArgs packed(args);
+    const auto needs = packed.unpack<std::vector<bool>>();
+    const Tensor x = packed.unpack<Tensor>();
+    const Tensor w = packed.unpack<OptTensor>().value_or(Tensor()), b = packed.unpack<OptTensor>().value_or(Tensor());
+    const Tensor s0 = packed.unpack<Tensor>(), s1 = packed.unpack<Tensor>();
+    F f;
+    std::apply([&](auto&... c) { ((c = packed.unpack<std::decay_t<decltype(c)>>()), ...); }, F::constants(f));
+    if (!grads[0].defined()) return variable_list(3);
+    return kept(f.grads(grads[0], x, w, b, s0, s1), needs);
   }
 };
 
-struct LayerNormBackward : NormBackward<LayerNormBackward> {
+struct LayerNormGrads {
+  static constexpr const char* kName = "FusedLayerNormBackward";
   int64_t k = 0;  // normalized_shape is the input's last k dims (checked by the op)
   double eps = 0;
-  std::string name() const override { return "FusedLayerNormBackward"; }
+  template <typename Self>
+  static auto constants(Self& self) {
+    return std::tie(self.k, self.eps);
+  }
   Tensors3 grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor& b, const Tensor& mean,
-                 const Tensor& rstd) {
+                 const Tensor& rstd) const {
     return call_backward_op(op<LayerNormBwd, kLayerNormBwd>(), dy, input, input.sym_sizes().slice(input.dim() - k),
                             mean, rstd, optional(w), optional(b));
   }
   Tensors3 math_grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor& b, const Tensor&,
-                      const Tensor&) {
+                      const Tensor&) const {
     const at::ScalarType acc = acc_type(input);
     std::vector<int64_t> dims, lead;
     for (int64_t d = 0; d < input.dim(); ++d) (d < input.dim() - k ? lead : dims).push_back(d);
@@ -178,26 +261,30 @@ Tensors3 layer_norm_fwd_autograd(const Tensor& input, c10::SymIntArrayRef normal
   check_no_forward_ad(kLayerNormFwd, input, weight, bias);
   auto out = call_below_autograd(op<LayerNormFwd, kLayerNormFwd>(), input, normalized_shape, weight, bias, eps);
   if (records_graph(input, weight, bias)) {
-    LayerNormBackward& node = LayerNormBackward::record(std::get<0>(out), input, weight, bias, std::get<1>(out),
-                                                        std::get<2>(out));
-    node.k = static_cast<int64_t>(normalized_shape.size());
-    node.eps = eps;
+    LayerNormGrads& f = NormBackward<LayerNormGrads>::record(std::get<0>(out), input, weight, bias,
+                                                             std::get<1>(out), std::get<2>(out));
+    f.k = static_cast<int64_t>(normalized_shape.size());
+    f.eps = eps;
   }
   return out;
 }
 
-struct BatchNormBackward : NormBackward<BatchNormBackward> {
+struct BatchNormGrads {
+  static constexpr const char* kName = "FusedBatchNormBackward";
   bool training = true;
   double eps = 0;
-  std::string name() const override { return "FusedBatchNormBackward"; }
+  template <typename Self>
+  static auto constants(Self& self) {
+    return std::tie(self.training, self.eps);
+  }
   Tensors3 grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor& b, const Tensor& save_mean,
-                 const Tensor& save_invstd) {
+                 const Tensor& save_invstd) const {
     return call_backward_op(op<BatchNormBwd, kBatchNormBwd>(), dy, input, optional(w), optional(b), save_mean,
                             save_invstd, training);
   }
   // Eval: the saved statistics are the running ones, constants.
   Tensors3 math_grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor& b,
-                      const Tensor& save_mean, const Tensor& save_invstd) {
+                      const Tensor& save_mean, const Tensor& save_invstd) const {
     const at::ScalarType acc = acc_type(input);
     std::vector<int64_t> dims{0}, shape(input.dim(), 1);
     for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
@@ -227,10 +314,10 @@ Tensors5 batch_norm_fwd_autograd(const Tensor& input, const OptTensor& weight, c
   auto out = call_below_autograd(op<BatchNormFwd, kBatchNormFwd>(), input, weight, bias, running_mean, running_var,
                                  num_batches_tracked, training, momentum, eps);
   if (records_graph(input, weight, bias)) {
-    BatchNormBackward& node = BatchNormBackward::record(std::get<0>(out), input, weight, bias, std::get<1>(out),
-                                                        std::get<2>(out));
-    node.training = training;
-    node.eps = eps;
+    BatchNormGrads& f = NormBackward<BatchNormGrads>::record(std::get<0>(out), input, weight, bias,
+                                                             std::get<1>(out), std::get<2>(out));
+    f.training = training;
+    f.eps = eps;
   }
   return out;
 }
