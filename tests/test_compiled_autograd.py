@@ -45,15 +45,17 @@ class _Capture:
 
 
 def _setup(device, factory, shape, memory_format, dtype):
+    """dtype: that of x and the parameters, or (x's, the parameters') for mixed precision."""
+    x_dtype, p_dtype = dtype if isinstance(dtype, tuple) else (dtype, dtype)
     torch.manual_seed(0)
-    module = factory().to(device=device, dtype=dtype)
+    module = factory().to(device=device, dtype=p_dtype)
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.rand_like(p) + 0.5)
-    x = torch.randn(shape, device=device, dtype=dtype)
+    x = torch.randn(shape, device=device, dtype=x_dtype)
     if memory_format is not None:
         x = x.contiguous(memory_format=memory_format)
-    g = torch.randn(shape, device=device, dtype=dtype)
+    g = torch.randn(shape, device=device, dtype=x_dtype)
     return module, x, g
 
 
@@ -71,7 +73,8 @@ def _grads(module, x, g, want_x, want_params, compiler=None):
     return [t.grad for t in (x, *module.parameters())]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16", "bf16-fp32-params"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_compiled_backward_matches_eager(device, case, dtype):
     _, factory, shape, memory_format = case
