@@ -4,7 +4,8 @@
 // LayerNorm 128x256 fp32, where the kernel itself takes ~10 us), which made small shapes
 // slower than torch's native ops. The graph is built from plain nodes, as torch's
 // generated kernels build theirs, so that torch.func transforms (grad, vjp, jacrev) work;
-// a torch::autograd::Function refuses them. The backward ops (layer_norm_bwd,
+// a torch::autograd::Function refuses them. Forward-mode AD sets y's tangent, computed in
+// ATen ops, as torch's generated kernels do with their forward formulas. The backward ops (layer_norm_bwd,
 // batch_norm_bwd) keep their Python autograd (the double backward, fused_norm/_ops.py):
 // a node calls them through the dispatcher when it records a graph (create_graph), and
 // below autograd otherwise, which is what their autograd kernel would do.
@@ -72,13 +73,16 @@ bool records_graph(const Tensor& input, const OptTensor& weight, const OptTensor
   return at::GradMode::is_enabled() && (input.requires_grad() || requires_grad(weight) || requires_grad(bias));
 }
 OptTensor optional(const Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
-// Forward-mode AD (torch.func.jvp, jacfwd, hessian) has no formula here: raise, as torch
-// does for its ops without one, rather than return a silently zero tangent.
-void check_no_forward_ad(const char* op, const Tensor& input, const OptTensor& weight, const OptTensor& bias) {
-  auto dual = [](const OptTensor& t) { return t.has_value() && t->defined() && t->_fw_grad(/*level=*/0).defined(); };
-  TORCH_CHECK_NOT_IMPLEMENTED(!dual(input) && !dual(weight) && !dual(bias), "Trying to use forward AD with ", op,
-                              ", which does not support it (no forward-mode formula); reverse mode (backward, "
-                              "torch.func.grad/vjp/jacrev) is supported");
+// Forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad): level-0
+// tangents. A primal is the tensor without its tangent, so that the tangent formula (ATen
+// ops) does not differentiate itself at the same level.
+Tensor tangent(const OptTensor& t) { return t.has_value() && t->defined() ? t->_fw_grad(/*level=*/0) : Tensor(); }
+Tensor primal(const OptTensor& t) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  return tangent(t).defined() ? t->_fw_primal(/*level=*/0) : *t;
+}
+bool has_tangent(const Tensor& input, const OptTensor& weight, const OptTensor& bias) {
+  return tangent(input).defined() || tangent(weight).defined() || tangent(bias).defined();
 }
 
 // The accumulation type of a storage type (float for half and bfloat16).
@@ -93,6 +97,28 @@ Tensor normalized_dx(const Tensor& g, const Tensor& xhat, const Tensor& a, at::I
 // t summed over dims (none: t itself; at::sum over no dims would sum everything), in dtype.
 Tensor sum_to(const Tensor& t, at::IntArrayRef dims, at::ScalarType dtype) {
   return (dims.empty() ? t : t.sum(dims)).to(dtype);
+}
+// x (in the accumulation type) normalized over dims with its own statistics: {xhat, rstd}.
+std::pair<Tensor, Tensor> standardize(const Tensor& x, at::IntArrayRef dims, double eps) {
+  const Tensor xc = x - x.mean(dims, true);
+  const Tensor rstd = (xc.square().mean(dims, true) + eps).rsqrt();
+  return {xc * rstd, rstd};
+}
+// The tangent of y = xhat * w + b (w, b viewed to broadcast; undefined: absent) from
+// those of xhat, w and b, in the dtype of y.
+Tensor affine_tangent(const Tensor& xhat, const Tensor& xhat_t, const Tensor& w, const Tensor& w_t, const Tensor& b_t,
+                      at::ScalarType dtype) {
+  const at::ScalarType acc = xhat.scalar_type();
+  Tensor y_t = w.defined() ? xhat_t * w.to(acc) : xhat_t;
+  if (w_t.defined()) y_t = y_t + xhat * w_t.to(acc);
+  if (b_t.defined()) y_t = y_t + b_t.to(acc);
+  return y_t.to(dtype);
+}
+// The tangent of xhat = standardize(x) for x's tangent t (undefined: zero).
+Tensor standardized_tangent(const Tensor& t, const Tensor& xhat, const Tensor& rstd, at::IntArrayRef dims) {
+  if (!t.defined()) return at::zeros_like(xhat);
+  const Tensor tt = t.to(xhat.scalar_type());
+  return rstd * (tt - tt.mean(dims, true) - xhat * (xhat * tt).mean(dims, true));
 }
 
 using torch::autograd::Node;
@@ -246,10 +272,8 @@ struct LayerNormGrads {
     const at::ScalarType acc = acc_type(input);
     std::vector<int64_t> dims, lead;
     for (int64_t d = 0; d < input.dim(); ++d) (d < input.dim() - k ? lead : dims).push_back(d);
-    const Tensor x = input.to(acc), g0 = dy.to(acc);
-    const Tensor mean = x.mean(dims, true);
-    const Tensor rstd = ((x - mean).square().mean(dims, true) + eps).rsqrt();
-    const Tensor xhat = (x - mean) * rstd;
+    const Tensor g0 = dy.to(acc);
+    const auto [xhat, rstd] = standardize(input.to(acc), dims, eps);
     const Tensor dx = normalized_dx(w.defined() ? g0 * w.to(acc) : g0, xhat, rstd, dims).to(input.scalar_type());
     return {dx, w.defined() ? sum_to(g0 * xhat, lead, w.scalar_type()) : Tensor(),
             b.defined() ? sum_to(g0, lead, b.scalar_type()) : Tensor()};
@@ -258,13 +282,21 @@ struct LayerNormGrads {
 
 Tensors3 layer_norm_fwd_autograd(const Tensor& input, c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
                                  const OptTensor& bias, double eps) {
-  check_no_forward_ad(kLayerNormFwd, input, weight, bias);
   auto out = call_below_autograd(op<LayerNormFwd, kLayerNormFwd>(), input, normalized_shape, weight, bias, eps);
   if (records_graph(input, weight, bias)) {
     LayerNormGrads& f = NormBackward<LayerNormGrads>::record(std::get<0>(out), input, weight, bias,
                                                              std::get<1>(out), std::get<2>(out));
     f.k = static_cast<int64_t>(normalized_shape.size());
     f.eps = eps;
+  }
+  if (has_tangent(input, weight, bias)) {
+    const Tensor x = primal(input);
+    std::vector<int64_t> dims;
+    for (int64_t d = x.dim() - static_cast<int64_t>(normalized_shape.size()); d < x.dim(); ++d) dims.push_back(d);
+    const auto [xhat, rstd] = standardize(x.to(acc_type(x)), dims, eps);
+    std::get<0>(out)._set_fw_grad(affine_tangent(xhat, standardized_tangent(tangent(input), xhat, rstd, dims),
+                                                 primal(weight), tangent(weight), tangent(bias), x.scalar_type()),
+                                  /*level=*/0, /*is_inplace_op=*/false);
   }
   return out;
 }
@@ -290,15 +322,13 @@ struct BatchNormGrads {
     for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
     shape[1] = -1;
     const Tensor x = input.to(acc), g = dy.to(acc);
-    Tensor mean, invstd;
+    Tensor xhat, invstd;
     if (training) {
-      mean = x.mean(dims, true);
-      invstd = ((x - mean).square().mean(dims, true) + eps).rsqrt();
+      std::tie(xhat, invstd) = standardize(x, dims, eps);
     } else {
-      mean = save_mean.to(acc).view(shape);
       invstd = save_invstd.to(acc).view(shape);
+      xhat = (x - save_mean.to(acc).view(shape)) * invstd;
     }
-    const Tensor xhat = (x - mean) * invstd;
     const Tensor a = w.defined() ? invstd * w.to(acc).view(shape) : invstd;
     const Tensor dx = (training ? normalized_dx(g, xhat, a, dims) : a * g).to(input.scalar_type());
     return {dx, w.defined() ? sum_to(g * xhat, dims, w.scalar_type()) : Tensor(),
@@ -310,7 +340,6 @@ Tensors5 batch_norm_fwd_autograd(const Tensor& input, const OptTensor& weight, c
                                  const OptTensor& running_mean, const OptTensor& running_var,
                                  const OptTensor& num_batches_tracked, bool training, c10::optional<double> momentum,
                                  double eps) {
-  check_no_forward_ad(kBatchNormFwd, input, weight, bias);
   auto out = call_below_autograd(op<BatchNormFwd, kBatchNormFwd>(), input, weight, bias, running_mean, running_var,
                                  num_batches_tracked, training, momentum, eps);
   if (records_graph(input, weight, bias)) {
@@ -318,6 +347,28 @@ Tensors5 batch_norm_fwd_autograd(const Tensor& input, const OptTensor& weight, c
                                                              std::get<1>(out), std::get<2>(out));
     f.training = training;
     f.eps = eps;
+  }
+  if (has_tangent(input, weight, bias)) {
+    const Tensor x = primal(input).to(acc_type(input));
+    std::vector<int64_t> dims{0}, shape(x.dim(), 1);
+    for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
+    shape[1] = -1;
+    auto per_channel = [&](const Tensor& t) { return t.defined() ? t.view(shape) : t; };
+    Tensor xhat, xhat_t;
+    if (training) {
+      const auto [xh, rstd] = standardize(x, dims, eps);
+      xhat = xh;
+      xhat_t = standardized_tangent(tangent(input), xhat, rstd, dims);
+    } else {  // the running statistics are constants
+      const Tensor invstd = per_channel((primal(running_var).to(x.scalar_type()) + eps).rsqrt());
+      xhat = (x - per_channel(primal(running_mean).to(x.scalar_type()))) * invstd;
+      const Tensor t = tangent(input);
+      xhat_t = t.defined() ? t.to(x.scalar_type()) * invstd : at::zeros_like(xhat);
+    }
+    std::get<0>(out)._set_fw_grad(affine_tangent(xhat, xhat_t, per_channel(primal(weight)),
+                                                 per_channel(tangent(weight)), per_channel(tangent(bias)),
+                                                 input.scalar_type()),
+                                  /*level=*/0, /*is_inplace_op=*/false);
   }
   return out;
 }
