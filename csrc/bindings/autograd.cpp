@@ -262,6 +262,12 @@ struct LayerNormGrads {
   static auto constants(Self& self) {
     return std::tie(self.k, self.eps);
   }
+  // The dims of an input of `dim` dims: {normalized (the last k), leading}.
+  static std::pair<std::vector<int64_t>, std::vector<int64_t>> split_dims(int64_t dim, int64_t k) {
+    std::vector<int64_t> dims, lead;
+    for (int64_t d = 0; d < dim; ++d) (d < dim - k ? lead : dims).push_back(d);
+    return {dims, lead};
+  }
   Tensors3 grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor& b, const Tensor& mean,
                  const Tensor& rstd) const {
     return call_backward_op(op<LayerNormBwd, kLayerNormBwd>(), dy, input, input.sym_sizes().slice(input.dim() - k),
@@ -270,8 +276,7 @@ struct LayerNormGrads {
   Tensors3 math_grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor& b, const Tensor&,
                       const Tensor&) const {
     const at::ScalarType acc = acc_type(input);
-    std::vector<int64_t> dims, lead;
-    for (int64_t d = 0; d < input.dim(); ++d) (d < input.dim() - k ? lead : dims).push_back(d);
+    const auto [dims, lead] = split_dims(input.dim(), k);
     const Tensor g0 = dy.to(acc);
     const auto [xhat, rstd] = standardize(input.to(acc), dims, eps);
     const Tensor dx = normalized_dx(w.defined() ? g0 * w.to(acc) : g0, xhat, rstd, dims).to(input.scalar_type());
@@ -291,8 +296,8 @@ Tensors3 layer_norm_fwd_autograd(const Tensor& input, c10::SymIntArrayRef normal
   }
   if (has_tangent(input, weight, bias)) {
     const Tensor x = primal(input);
-    std::vector<int64_t> dims;
-    for (int64_t d = x.dim() - static_cast<int64_t>(normalized_shape.size()); d < x.dim(); ++d) dims.push_back(d);
+    const std::vector<int64_t> dims =
+        LayerNormGrads::split_dims(x.dim(), static_cast<int64_t>(normalized_shape.size())).first;
     const auto [xhat, rstd] = standardize(x.to(acc_type(x)), dims, eps);
     std::get<0>(out)._set_fw_grad(affine_tangent(xhat, standardized_tangent(tangent(input), xhat, rstd, dims),
                                                  primal(weight), tangent(weight), tangent(bias), x.scalar_type()),
@@ -309,6 +314,14 @@ struct BatchNormGrads {
   static auto constants(Self& self) {
     return std::tie(self.training, self.eps);
   }
+  // For an input of `dim` dims: {the reduced dims (all but the channels'), the shape that
+  // views a (C,) tensor to broadcast along the channels}.
+  static std::pair<std::vector<int64_t>, std::vector<int64_t>> channel_dims(int64_t dim) {
+    std::vector<int64_t> dims{0}, shape(dim, 1);
+    for (int64_t d = 2; d < dim; ++d) dims.push_back(d);
+    shape[1] = -1;
+    return {dims, shape};
+  }
   Tensors3 grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor& b, const Tensor& save_mean,
                  const Tensor& save_invstd) const {
     return call_backward_op(op<BatchNormBwd, kBatchNormBwd>(), dy, input, optional(w), optional(b), save_mean,
@@ -318,9 +331,7 @@ struct BatchNormGrads {
   Tensors3 math_grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor& b,
                       const Tensor& save_mean, const Tensor& save_invstd) const {
     const at::ScalarType acc = acc_type(input);
-    std::vector<int64_t> dims{0}, shape(input.dim(), 1);
-    for (int64_t d = 2; d < input.dim(); ++d) dims.push_back(d);
-    shape[1] = -1;
+    const auto [dims, shape] = channel_dims(input.dim());
     const Tensor x = input.to(acc), g = dy.to(acc);
     Tensor xhat, invstd;
     if (training) {
@@ -350,9 +361,7 @@ Tensors5 batch_norm_fwd_autograd(const Tensor& input, const OptTensor& weight, c
   }
   if (has_tangent(input, weight, bias)) {
     const Tensor x = primal(input).to(acc_type(input));
-    std::vector<int64_t> dims{0}, shape(x.dim(), 1);
-    for (int64_t d = 2; d < x.dim(); ++d) dims.push_back(d);
-    shape[1] = -1;
+    const auto [dims, shape] = BatchNormGrads::channel_dims(x.dim());
     auto per_channel = [&](const Tensor& t) { return t.defined() ? t.view(shape) : t; };
     Tensor xhat, xhat_t;
     if (training) {
