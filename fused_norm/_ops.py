@@ -120,6 +120,73 @@ torch.library.register_autograd(
 torch.library.register_autocast("fused_norm::layer_norm_fwd", "cuda", torch.float32)
 
 
+# vmap (torch.func.vmap, per-sample gradients): the mapped dim becomes one more leading
+# dim of the rows, so the fused kernels run once on the whole batch instead of functorch's
+# per-sample fallback. A weight or bias mapped too (per-sample parameters) is applied
+# outside the kernel, and the backward's parameter gradients are summed per sample.
+
+
+def _to_front(t, bdim, batch_size):
+    """t with its mapped dim first; an unmapped t expanded along a new first dim."""
+    if t is None:
+        return None
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(batch_size, *t.shape)
+
+
+def _per_sample_param(t, bdim, x_dim, k):
+    """A (batch, *normalized_shape) parameter viewed to broadcast against the rows of a
+    batch-first x of x_dim dims; an unmapped one as it is."""
+    if t is None or bdim is None:
+        return t
+    t = t.movedim(bdim, 0)
+    return t.reshape(t.shape[:1] + (1,) * (x_dim - 1 - k) + t.shape[1:])
+
+
+@torch.library.register_vmap("fused_norm::layer_norm_fwd")
+def _layer_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, bias, eps):
+    x_bdim, _, w_bdim, b_bdim, _ = in_dims
+    x = _to_front(input, x_bdim, info.batch_size)
+    if w_bdim is None and b_bdim is None:
+        return ops.layer_norm_fwd(x, normalized_shape, weight, bias, eps), (0, 0, 0)
+    k = len(normalized_shape)
+    y, mean, rstd = ops.layer_norm_fwd(x, normalized_shape, None, None, eps)
+    acc = _acc_dtype(x.dtype)
+    y = y.to(acc)  # the affine in the accumulation type, as the kernel does
+    if weight is not None:
+        y = y * _per_sample_param(weight, w_bdim, x.dim(), k).to(acc)
+    if bias is not None:
+        y = y + _per_sample_param(bias, b_bdim, x.dim(), k).to(acc)
+    return (y.to(x.dtype), mean, rstd), (0, 0, 0)
+
+
+@torch.library.register_vmap("fused_norm::layer_norm_bwd")
+def _layer_norm_bwd_vmap(info, in_dims, grad_out, input, normalized_shape, mean, rstd, weight, bias):
+    dy_bdim, x_bdim, _, m_bdim, r_bdim, w_bdim, b_bdim = in_dims
+    B = info.batch_size
+    dy, x, mean, rstd = (_to_front(t, d, B) for t, d in ((grad_out, dy_bdim), (input, x_bdim), (mean, m_bdim),
+                                                          (rstd, r_bdim)))
+    k = len(normalized_shape)
+    if w_bdim is None and b_bdim is None:
+        # dx from the kernel; its dweight/dbias would sum over the samples too.
+        dx = ops.layer_norm_bwd(dy, x, normalized_shape, mean, rstd, weight, bias)[0]
+    else:  # dx depends on the weight only through g = dy * weight
+        acc = _acc_dtype(x.dtype)
+        g = dy if weight is None else (dy.to(acc) * _per_sample_param(weight, w_bdim, x.dim(), k).to(acc)).to(x.dtype)
+        dx = ops.layer_norm_bwd(g, x, normalized_shape, mean, rstd, None, None)[0]
+    dtype = _param_dtype(input, weight, bias)
+    lead = tuple(range(1, x.dim() - k))  # the rows of one sample
+    acc = _acc_dtype(x.dtype)
+    dw = db = None
+    if weight is not None:
+        xhat = (x.to(acc) - mean) * rstd
+        dw = (dy.to(acc) * xhat).sum(lead).to(dtype) if lead else (dy.to(acc) * xhat).to(dtype)
+    if bias is not None:
+        db = dy.to(acc).sum(lead).to(dtype) if lead else dy.to(dtype)
+    empty = x.new_empty((0,), dtype=dtype)
+    return (dx, dw if dw is not None else empty, db if db is not None else empty), \
+        (0, 0 if dw is not None else None, 0 if db is not None else None)
+
+
 # ---------------------------------------------------------------------------------------
 # BatchNorm
 # ---------------------------------------------------------------------------------------

@@ -65,6 +65,44 @@ def test_jacrev_and_grad_of_grad(device, case):
     torch.testing.assert_close(second(ours)(*args), second(theirs)(*args))
 
 
+@pytest.fixture
+def no_vmap_fallback():
+    """vmap raises instead of falling back to a per-sample loop: the op's own batching
+    rule must run."""
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    yield
+    torch._C._functorch._set_vmap_fallback_enabled(True)
+
+
+def test_vmap_layer_norm_like_torch(device, no_vmap_fallback):
+    """The LayerNorm ops' batching rules: mapped input (first or inner dim), mapped
+    per-sample weight and bias, a multi-dim normalized_shape, per-sample gradients, and a
+    batched backward (is_grads_batched, which maps layer_norm_bwd)."""
+    x, w, b = _args(device, (4, 6, 8), (8,))
+    g = torch.Generator().manual_seed(2)
+    W, B = (torch.randn(4, 8, generator=g, dtype=F64).to(device) for _ in range(2))
+
+    def same(f):
+        torch.testing.assert_close(f(fused_norm.layer_norm), f(F.layer_norm))
+
+    same(lambda ln: vmap(lambda xi: ln(xi, (8,), w, b))(x))
+    same(lambda ln: vmap(lambda xi: ln(xi, (8,), w, b), in_dims=1)(x))
+    same(lambda ln: vmap(lambda xi: ln(xi, (6, 8), None, None))(x))
+    same(lambda ln: vmap(lambda xi, wi, bi: ln(xi, (8,), wi, bi))(x, W, B))
+    same(lambda ln: vmap(lambda wi: ln(x, (8,), wi, None))(W))
+    loss = lambda ln: (lambda w, b, xi: ln(xi, (8,), w, b).pow(3).sum())
+    same(lambda ln: vmap(grad(loss(ln), (0, 1)), in_dims=(None, None, 0))(w, b, x))
+    same(lambda ln: vmap(grad(loss(ln), (0, 1, 2)))(W, B, x))
+
+    def batched_backward(ln):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = ln(leaves[0], (8,), leaves[1], leaves[2])
+        cotangents = torch.randn((3,) + y.shape, generator=g.manual_seed(3), dtype=F64).to(device)
+        return torch.autograd.grad(y, leaves, cotangents, is_grads_batched=True)
+
+    same(batched_backward)
+
+
 def test_per_sample_gradients_with_vmap(device):
     # The Opacus/functorch pattern: a gradient per sample of a LayerNorm model's weight.
     x, w, b = _args(device, (4, 6, 8), (8,))
