@@ -137,20 +137,22 @@ void for_channels(int64_t C, int64_t work_per_channel, F&& f) {
 
 // Every element once, in runs of at most kBlock contiguous elements, in parallel:
 // f(Step<s>, Stream<b>, offset, c, len) where element i of the run belongs to channel
-// c + i * s, and the run's output is streamed (store_loop) when b: when the call reads
-// and writes `bytes` in all (stream_output).
-template <typename F>
+// c + i * s, and the run's output (of T) is streamed (store_loop) when b: when the call
+// reads and writes `bytes` in all and the runs are long enough (stream_output).
+template <typename T, typename F>
 void for_each_run(int64_t N, int64_t C, int64_t S, BatchNormLayout layout, int64_t bytes, F&& f) {
+  const int64_t run_bytes = std::min(kBlock, layout == BatchNormLayout::kNCS ? S : C) * static_cast<int64_t>(sizeof(T));
   if (layout == BatchNormLayout::kNCS) {
     const NcsRuns runs(N, C, S);
-    parallel_for_output(bytes, 0, runs.count(), runs.grain(), [&](auto stream, int64_t r0, int64_t r1) {
+    parallel_for_output(bytes, run_bytes, 0, runs.count(), runs.grain(), [&](auto stream, int64_t r0, int64_t r1) {
       runs.runs(r0, r1, [&](int64_t c, int64_t off, int64_t len, int64_t, int64_t) {
         f(Step<0>{}, stream, off, c, len);
       });
     });
     return;
   }
-  parallel_for_output(bytes, 0, N * S, std::max<int64_t>(1, kGrainElems / C), [&](auto stream, int64_t r0, int64_t r1) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / C);
+  parallel_for_output(bytes, run_bytes, 0, N * S, grain, [&](auto stream, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(Step<1>{}, stream, r * C + c0, c0, std::min(kBlock, C - c0));
   });
@@ -405,7 +407,7 @@ void forward(const BatchNormFwdParams& p) {
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   const int64_t bytes = p.N * C * p.S * 2 * static_cast<int64_t>(sizeof(T));
-  for_each_run(p.N, C, p.S, p.layout, bytes, [&](auto step, auto stream, int64_t off, int64_t c, int64_t len) {
+  for_each_run<T>(p.N, C, p.S, p.layout, bytes, [&](auto step, auto stream, int64_t off, int64_t c, int64_t len) {
     scale_shift_run<decltype(step)::value, decltype(stream)::value>(x + off, len, scale.data() + c, shift.data() + c,
                                                                      y + off);
   });
@@ -559,7 +561,7 @@ void backward_dx(const BatchNormBwdParams& p, const std::vector<double>& sum_dy,
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
   const int64_t bytes = p.N * C * p.S * (p.training ? 3 : 2) * static_cast<int64_t>(sizeof(T));
-  for_each_run(p.N, C, p.S, p.layout, bytes, [&](auto step, auto stream, int64_t off, int64_t c, int64_t len) {
+  for_each_run<T>(p.N, C, p.S, p.layout, bytes, [&](auto step, auto stream, int64_t off, int64_t c, int64_t len) {
     constexpr int64_t kStep = decltype(step)::value;
     constexpr bool kStream = decltype(stream)::value;
     if (p.training) {

@@ -125,7 +125,8 @@ void forward(const LayerNormFwdParams& p) {
   const std::vector<A> w = widen_param<A, W>(p.weight, cols);
   const std::vector<A> b = widen_param<A, W>(p.bias, cols);
   const int64_t bytes = p.rows * cols * 2 * static_cast<int64_t>(sizeof(T));
-  parallel_for_output(bytes, 0, p.rows, row_grain(cols), [&](auto stream, int64_t r0, int64_t r1) {
+  const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(T));
+  parallel_for_output(bytes, row_bytes, 0, p.rows, row_grain(cols), [&](auto stream, int64_t r0, int64_t r1) {
     constexpr bool kStream = decltype(stream)::value;
     auto normalize = [&](const T* xr, T* yr, A mean, A rstd) {
       const A* wp = w.data();
@@ -231,7 +232,8 @@ void backward(const LayerNormBwdParams& p) {
   const A inv_cols = A(1) / static_cast<A>(cols);
 
   const int64_t bytes = rows * cols * 3 * static_cast<int64_t>(sizeof(T));
-  parallel_for_output(bytes, 0, groups, 1, [&](auto stream, int64_t g0, int64_t g1) {
+  const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(T));
+  parallel_for_output(bytes, row_bytes, 0, groups, 1, [&](auto stream, int64_t g0, int64_t g1) {
     constexpr bool kStream = decltype(stream)::value;
     for (int64_t g = g0; g < g1; ++g) {
       A* pw = partial.empty() ? nullptr : partial.data() + g * 2 * cols;
