@@ -283,6 +283,74 @@ torch.library.register_autograd(
 )
 
 
+# vmap: a mapped (N, C, *S) input becomes one (N, B*C, *S) batch of B*C channels (the
+# samples' channels side by side), so the kernels compute every sample's statistics in
+# one call; the per-channel tensors become (B*C,). An eval input with unmapped per-channel
+# tensors is folded into the rows instead (B*N, C, *S): no copy.
+
+_BN_RUNNING_STATS_NOT_BATCHED = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which will be updated in "
+    "place, were not batched.\nIf you are using a module and do not need eval mode, please set "
+    "`track_running_stats` to be False.If you are using a prebuilt module and do not need eval mode, please see "
+    "the functorch website for resources on how to patch your module to work with vmap"
+)
+
+
+def _bn_channels(t, bdim, batch_size):
+    """An input-like tensor of the samples (N, C, *S) as (N, B*C, *S)."""
+    t = _to_front(t, bdim, batch_size).movedim(0, 1)
+    return t.reshape(t.shape[0], -1, *t.shape[3:])
+
+
+def _bn_per_channel(t, bdim, batch_size):
+    """A per-channel (C,) tensor of the samples as (B*C,)."""
+    return None if t is None else _to_front(t, bdim, batch_size).reshape(-1)
+
+
+def _bn_unfold(t, batch_size):
+    """(N, B*C, *S) back to (N, B, C, *S): the mapped dim is 1."""
+    return t.view(t.shape[0], batch_size, -1, *t.shape[2:])
+
+
+@torch.library.register_vmap("fused_norm::batch_norm_fwd")
+def _batch_norm_fwd_vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                         training, momentum, eps):
+    x_bdim, w_bdim, b_bdim, rm_bdim, rv_bdim, n_bdim = in_dims[:6]
+    B = info.batch_size
+    if training and running_mean is not None and (rm_bdim is None or rv_bdim is None):
+        raise RuntimeError(_BN_RUNNING_STATS_NOT_BATCHED)
+    if momentum is not None:
+        num_batches_tracked, n_bdim = None, None  # read only for the cumulative average
+    if n_bdim is not None:  # a factor 1/num_batches_tracked per sample: one call each
+        per_sample = [ops.batch_norm_fwd(*(t if d is None or t is None else t.select(d, i) for t, d in
+                                           zip((input, weight, bias, running_mean, running_var, num_batches_tracked),
+                                               in_dims[:6])), training, momentum, eps) for i in range(B)]
+        return tuple(torch.stack(outs) for outs in zip(*per_sample)), (0,) * 5
+    if not training and x_bdim is not None and all(d is None for d in in_dims[1:5]):
+        x = input.movedim(x_bdim, 0)
+        y, mean, invstd, new_mean, new_var = ops.batch_norm_fwd(
+            x.reshape(-1, *x.shape[2:]), weight, bias, running_mean, running_var, None, training, momentum, eps)
+        return (y.view(x.shape), mean, invstd, new_mean, new_var), (0, None, None, None, None)
+    y, mean, invstd, new_mean, new_var = ops.batch_norm_fwd(
+        _bn_channels(input, x_bdim, B), *(_bn_per_channel(t, d, B) for t, d in zip(
+            (weight, bias, running_mean, running_var), (w_bdim, b_bdim, rm_bdim, rv_bdim))),
+        num_batches_tracked, training, momentum, eps)
+    per_sample = lambda t: t.view(B, -1) if t.numel() else t  # noqa: E731  (empty: no running update)
+    return (_bn_unfold(y, B), per_sample(mean), per_sample(invstd), per_sample(new_mean), per_sample(new_var)), \
+        (1, 0, 0, 0 if new_mean.numel() else None, 0 if new_var.numel() else None)
+
+
+@torch.library.register_vmap("fused_norm::batch_norm_bwd")
+def _batch_norm_bwd_vmap(info, in_dims, grad_out, input, weight, bias, save_mean, save_invstd, training):
+    B = info.batch_size
+    dx, dw, db = ops.batch_norm_bwd(
+        _bn_channels(grad_out, in_dims[0], B), _bn_channels(input, in_dims[1], B),
+        *(_bn_per_channel(t, d, B) for t, d in zip((weight, bias, save_mean, save_invstd), in_dims[2:6])), training)
+    per_sample = lambda t: t.view(B, -1) if t.numel() else t  # noqa: E731  (empty: gradient not wanted)
+    return (_bn_unfold(dx, B), per_sample(dw), per_sample(db)), (1, 0 if dw.numel() else None,
+                                                                  0 if db.numel() else None)
+
+
 # ---------------------------------------------------------------------------------------
 # BatchNorm phases for a synchronized BatchNorm (FusedSyncBatchNorm): the statistics,
 # and the backward's per-channel sums and dx, as separate ops so that collectives can

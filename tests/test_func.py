@@ -103,6 +103,79 @@ def test_vmap_layer_norm_like_torch(device, no_vmap_fallback):
     same(batched_backward)
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 5, 2, 3), (3, 4, 5)], ids=["2d", "1d"])
+def test_vmap_batch_norm_like_torch(device, shape, no_vmap_fallback):
+    """The BatchNorm ops' batching rules: per-sample statistics (training), eval with
+    shared or per-sample running statistics and parameters, a mapped inner dim,
+    per-sample gradients, a batched backward (is_grads_batched), and torch's error when
+    the running statistics to update are not mapped."""
+    g = torch.Generator().manual_seed(4)
+    B, C = shape[0], shape[2]
+    x = torch.randn(shape, generator=g, dtype=F64).to(device)
+    w, b = (torch.randn(C, generator=g, dtype=F64).to(device) for _ in range(2))
+    W, Bias = (torch.randn(B, C, generator=g, dtype=F64).to(device) for _ in range(2))
+    rm, rv = torch.randn(C, dtype=F64, generator=g).to(device), torch.rand(C, dtype=F64, generator=g).to(device) + 0.5
+    RM, RV = rm.expand(B, C) + 0.1 * torch.arange(B, device=device)[:, None], rv.expand(B, C).contiguous()
+
+    def same(f):
+        torch.testing.assert_close(f(fused_norm.batch_norm), f(F.batch_norm))
+
+    same(lambda bn: vmap(lambda xi: bn(xi, None, None, w, b, training=True))(x))
+    same(lambda bn: vmap(lambda xi: bn(xi, None, None, w, b, training=True), in_dims=1)(x.movedim(0, 1)))
+    same(lambda bn: vmap(lambda xi, wi, bi: bn(xi, None, None, wi, bi, training=True))(x, W, Bias))
+    same(lambda bn: vmap(lambda xi: bn(xi, rm, rv, w, b, training=False))(x))
+    same(lambda bn: vmap(lambda xi, mi, vi, wi: bn(xi, mi, vi, wi, None, training=False))(x, RM, RV, W))
+
+    def updated(bn):  # per-sample running statistics updated in place
+        m, v = RM.clone(), RV.clone()
+        y = vmap(lambda xi, mi, vi: bn(xi, mi, vi, w, b, training=True, momentum=0.3))(x, m, v)
+        return y, m, v
+
+    same(updated)
+    loss = lambda bn: (lambda w, b, xi: bn(xi, None, None, w, b, training=True).pow(3).sum())  # noqa: E731
+    same(lambda bn: vmap(grad(loss(bn), (0, 1, 2)), in_dims=(None, None, 0))(w, b, x))
+
+    def batched_backward(bn, training):
+        leaves = [t.clone().requires_grad_() for t in (x[0], w, b)]
+        y = bn(leaves[0], rm, rv, leaves[1], leaves[2], training=training)
+        cotangents = torch.randn((3,) + y.shape, generator=g.manual_seed(5), dtype=F64).to(device)
+        return torch.autograd.grad(y, leaves, cotangents, is_grads_batched=True)
+
+    for training in (True, False):
+        same(lambda bn: batched_backward(bn, training))
+    with pytest.raises(RuntimeError, match="batched tensor as input while the running_mean or running_var"):
+        vmap(lambda xi: fused_norm.batch_norm(xi, rm.clone(), rv.clone(), training=True))(x)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_vmap_model_ensemble_batch_norm(device, momentum, no_vmap_fallback):
+    """Model ensembling (torch.func.stack_module_state + functional_call under vmap) of
+    training-mode FusedBatchNorm2d: outputs and every updated buffer (running statistics,
+    num_batches_tracked) as torch's BatchNorm2d gives them run model by model (torch's own
+    module cannot run under vmap with momentum=None: it calls .item() on
+    num_batches_tracked; ours reads a per-model num_batches_tracked)."""
+    from torch.func import functional_call, stack_module_state
+
+    def models(cls):
+        torch.manual_seed(0)
+        ms = [cls(4, momentum=momentum).to(device, F64) for _ in range(3)]
+        for i, m in enumerate(ms):
+            m.num_batches_tracked.fill_(i)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+        return ms
+
+    xs = [torch.randn(3, 6, 4, 2, 2, dtype=F64, device=device) for _ in range(2)]
+    ours = models(fused_norm.FusedBatchNorm2d)
+    params, buffers = stack_module_state(ours)
+    out = [vmap(lambda p, bf, xi: functional_call(ours[0], (p, bf), (xi,)))(params, buffers, x) for x in xs]
+    theirs = models(torch.nn.BatchNorm2d)
+    ref = [torch.stack([m(xi) for m, xi in zip(theirs, x)]) for x in xs]
+    torch.testing.assert_close(out, ref)
+    for name, t in buffers.items():
+        torch.testing.assert_close(t, torch.stack([m.get_buffer(name) for m in theirs]), msg=name)
+
+
 def test_per_sample_gradients_with_vmap(device):
     # The Opacus/functorch pattern: a gradient per sample of a LayerNorm model's weight.
     x, w, b = _args(device, (4, 6, 8), (8,))
