@@ -312,6 +312,12 @@ def _bn_unfold(t, batch_size):
     return t.view(t.shape[0], batch_size, -1, *t.shape[2:])
 
 
+def _bn_samples(t, batch_size):
+    """A (B*C,) result as (B, C) and its mapped dim 0; an empty one (not computed: no
+    running update, gradient not wanted) unmapped."""
+    return (t.view(batch_size, -1), 0) if t.numel() else (t, None)
+
+
 @torch.library.register_vmap("fused_norm::batch_norm_fwd")
 def _batch_norm_fwd_vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
                          training, momentum, eps):
@@ -335,9 +341,8 @@ def _batch_norm_fwd_vmap(info, in_dims, input, weight, bias, running_mean, runni
         _bn_channels(input, x_bdim, B), *(_bn_per_channel(t, d, B) for t, d in zip(
             (weight, bias, running_mean, running_var), (w_bdim, b_bdim, rm_bdim, rv_bdim))),
         num_batches_tracked, training, momentum, eps)
-    per_sample = lambda t: t.view(B, -1) if t.numel() else t  # noqa: E731  (empty: no running update)
-    return (_bn_unfold(y, B), per_sample(mean), per_sample(invstd), per_sample(new_mean), per_sample(new_var)), \
-        (1, 0, 0, 0 if new_mean.numel() else None, 0 if new_var.numel() else None)
+    outs, dims = zip((_bn_unfold(y, B), 1), *(_bn_samples(t, B) for t in (mean, invstd, new_mean, new_var)))
+    return outs, dims
 
 
 @torch.library.register_vmap("fused_norm::batch_norm_bwd")
@@ -346,9 +351,8 @@ def _batch_norm_bwd_vmap(info, in_dims, grad_out, input, weight, bias, save_mean
     dx, dw, db = ops.batch_norm_bwd(
         _bn_channels(grad_out, in_dims[0], B), _bn_channels(input, in_dims[1], B),
         *(_bn_per_channel(t, d, B) for t, d in zip((weight, bias, save_mean, save_invstd), in_dims[2:6])), training)
-    per_sample = lambda t: t.view(B, -1) if t.numel() else t  # noqa: E731  (empty: gradient not wanted)
-    return (_bn_unfold(dx, B), per_sample(dw), per_sample(db)), (1, 0 if dw.numel() else None,
-                                                                  0 if db.numel() else None)
+    outs, dims = zip((_bn_unfold(dx, B), 1), _bn_samples(dw, B), _bn_samples(db, B))
+    return outs, dims
 
 
 # ---------------------------------------------------------------------------------------

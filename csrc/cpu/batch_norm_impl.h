@@ -138,7 +138,7 @@ void for_channels(int64_t C, int64_t work_per_channel, F&& f) {
 // Every element once, in runs of at most kBlock contiguous elements, in parallel:
 // f(Step<s>, Stream<b>, offset, c, len) where element i of the run belongs to channel
 // c + i * s, and the run's output (of T) is streamed (store_loop) when b: when the call
-// reads and writes `bytes` in all and the runs are long enough (stream_output).
+// reads and writes `bytes` in all and its runs are not short partial lines (stream_output).
 template <typename T, typename F>
 void for_each_run(int64_t N, int64_t C, int64_t S, BatchNormLayout layout, int64_t bytes, F&& f) {
   const int64_t run_bytes = std::min(kBlock, layout == BatchNormLayout::kNCS ? S : C) * static_cast<int64_t>(sizeof(T));
