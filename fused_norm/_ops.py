@@ -166,16 +166,15 @@ def _layer_norm_bwd_vmap(info, in_dims, grad_out, input, normalized_shape, mean,
     dy, x, mean, rstd = (_to_front(t, d, B) for t, d in ((grad_out, dy_bdim), (input, x_bdim), (mean, m_bdim),
                                                           (rstd, r_bdim)))
     k = len(normalized_shape)
+    acc = _acc_dtype(x.dtype)
     if w_bdim is None and b_bdim is None:
         # dx from the kernel; its dweight/dbias would sum over the samples too.
         dx = ops.layer_norm_bwd(dy, x, normalized_shape, mean, rstd, weight, bias)[0]
     else:  # dx depends on the weight only through g = dy * weight
-        acc = _acc_dtype(x.dtype)
         g = dy if weight is None else (dy.to(acc) * _per_sample_param(weight, w_bdim, x.dim(), k).to(acc)).to(x.dtype)
         dx = ops.layer_norm_bwd(g, x, normalized_shape, mean, rstd, None, None)[0]
     dtype = _param_dtype(input, weight, bias)
     lead = tuple(range(1, x.dim() - k))  # the rows of one sample
-    acc = _acc_dtype(x.dtype)
     dw = db = None
     if weight is not None:
         xhat = (x.to(acc) - mean) * rstd
