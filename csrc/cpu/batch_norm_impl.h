@@ -419,7 +419,8 @@ void forward(const BatchNormFwdParams& p) {
 template <typename T, typename A>
 inline void grad_sums_runs(const T* __restrict x, const T* __restrict dy, int64_t runs, int64_t stride, int64_t n,
                            A mean, double& sum_dy, double& sum_dyx) {
-  constexpr int64_t L = kLanes<A>, D = kDoubleVecs<A>;
+  constexpr int64_t L = kLanes<A>, D = kDoubleVecs<A>, kGroupBytes = kWidenGroup * L * static_cast<int64_t>(sizeof(T));
+  static_assert(kWidenGroup % 2 == 0, "the group is loaded in pairs of vectors");
   vec_t<double> s[D] = {}, sx[D] = {};
   double tail = 0, tail_x = 0;
   for (int64_t run = 0; run < runs; ++run) {
@@ -427,11 +428,19 @@ inline void grad_sums_runs(const T* __restrict x, const T* __restrict dy, int64_
     const T* dyr = dy + run * stride;
     int64_t i = 0;
     for (; i + kWidenGroup * L <= n; i += kWidenGroup * L) {
+      if (runs == 1) {
+        prefetch_ahead(dyr + i, kGroupBytes);
+        prefetch_ahead(xr + i, kGroupBytes);
+      }
       vec_t<A> gs = {}, ps = {};
-      for (int64_t q = 0; q < kWidenGroup; ++q) {
-        const vec_t<A> g = load_vec(dyr + i + q * L);
-        gs += g;
-        ps += g * (load_vec(xr + i + q * L) - mean);
+      for (int64_t q = 0; q < kWidenGroup; q += 2) {
+        vec_t<A> g0, g1, x0, x1;
+        load_pair(dyr + i + q * L, g0, g1);
+        load_pair(xr + i + q * L, x0, x1);
+        gs += g0;
+        gs += g1;
+        ps = mul_add(g0, x0 - mean, ps);
+        ps = mul_add(g1, x1 - mean, ps);
       }
       add_lanes(s, gs);
       add_lanes(sx, ps);

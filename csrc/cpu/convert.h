@@ -58,10 +58,37 @@ inline vec_t<A> loadu(const A* p) {
   return v;
 }
 
+// The lanes of v summed pairwise (halves added until one lane is left: log2(lanes) dependent
+// adds instead of one add per lane in a chain), plus tail.
 template <typename A>
 inline A fold_lanes(vec_t<A> v, A tail) {
-  for (int64_t l = 0; l < kLanes<A>; ++l) tail += v[l];
-  return tail;
+  A t[kLanes<A>];
+  std::memcpy(t, &v, sizeof(v));
+  for (int64_t w = kLanes<A> / 2; w >= 1; w /= 2)
+    for (int64_t l = 0; l < w; ++l) t[l] += t[l + w];
+  return t[0] + tail;
+}
+
+// a * b + c, rounded once where the instruction set has FMA (AVX2 and AVX-512 builds), for
+// sums of products. Elementwise results never use it: they round the same way in every
+// build (setup.py compiles without FMA contraction).
+inline vec_t<float> mul_add(vec_t<float> a, vec_t<float> b, vec_t<float> c) {
+#if FN_VEC_BYTES == 64
+  return _mm512_fmadd_ps(a, b, c);
+#elif FN_VEC_BYTES == 32
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+inline vec_t<double> mul_add(vec_t<double> a, vec_t<double> b, vec_t<double> c) {
+#if FN_VEC_BYTES == 64
+  return _mm512_fmadd_pd(a, b, c);
+#elif FN_VEC_BYTES == 32
+  return _mm256_fmadd_pd(a, b, c);
+#else
+  return a * b + c;
+#endif
 }
 
 // The type of the statistics' partial results (the moments runs_moments returns, the sums

@@ -25,7 +25,7 @@ template <typename T>
 inline Moments<stat_sum_t<T>> runs_moments(const T* x, int64_t runs, int64_t stride, int64_t n) {
   using A = acc_t<T>;
   using S = stat_sum_t<T>;
-  constexpr int64_t L = kLanes<A>;
+  constexpr int64_t L = kLanes<A>, kPairBytes = 2 * L * static_cast<int64_t>(sizeof(T));
   const A first = to_acc<A>(x[0]);
   const A a = std::isfinite(first) ? first : A(0);
   const vec_t<A> av = vec_t<A>{} + a;
@@ -35,16 +35,19 @@ inline Moments<stat_sum_t<T>> runs_moments(const T* x, int64_t runs, int64_t str
     const T* xr = x + r * stride;
     int64_t i = 0;
     for (; i + 2 * L <= n; i += 2 * L) {
-      const vec_t<A> d0 = load_vec(xr + i) - av, d1 = load_vec(xr + i + L) - av;
+      if (runs == 1) prefetch_ahead(xr + i, kPairBytes);
+      vec_t<A> v0, v1;
+      load_pair(xr + i, v0, v1);
+      const vec_t<A> d0 = v0 - av, d1 = v1 - av;
       s0 += d0;
-      q0 += d0 * d0;
+      q0 = mul_add(d0, d0, q0);
       s1 += d1;
-      q1 += d1 * d1;
+      q1 = mul_add(d1, d1, q1);
     }
     if (i + L <= n) {
       const vec_t<A> d = load_vec(xr + i) - av;
       s0 += d;
-      q0 += d * d;
+      q0 = mul_add(d, d, q0);
       i += L;
     }
     for (; i < n; ++i) {
