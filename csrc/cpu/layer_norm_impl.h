@@ -105,9 +105,7 @@ std::vector<A> widen_param(const void* p, int64_t n) {
 // which streams two inputs, it measured slower than the hardware prefetcher alone.)
 template <typename T>
 inline void prefetch_row(const T* row, int64_t cols) {
-  const char* p = reinterpret_cast<const char*>(row);
-  const int64_t bytes = std::min<int64_t>(cols * static_cast<int64_t>(sizeof(T)), 16384);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+  prefetch_bytes(row, std::min<int64_t>(cols * static_cast<int64_t>(sizeof(T)), 16384));
 }
 
 // Elements per parallel task (forward rows, backward row groups): enough to amortize the

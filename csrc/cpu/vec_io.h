@@ -73,6 +73,12 @@ inline void load_pair(const BFloat16* p, vec_t<float>& a, vec_t<float>& b) {
   std::memcpy(&b, &odd, sizeof(b));
 }
 
+// Asks for the 64-byte lines of [p, p + bytes).
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+}
+
 // Asks for the lines of bytes [kSumAhead, kSumAhead + bytes) past p. The sums over one
 // contiguous run (runs_moments, grad_sums_runs) call it as they read: their runs of a few
 // KiB are too short for the hardware prefetcher to get far enough ahead. Side by side
@@ -83,8 +89,7 @@ inline void load_pair(const BFloat16* p, vec_t<float>& a, vec_t<float>& b) {
 constexpr int64_t kSumAhead = 2048;
 template <typename T>
 inline void prefetch_ahead(const T* p, int64_t bytes) {
-  const char* c = reinterpret_cast<const char*>(p) + kSumAhead;
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+  prefetch_bytes(reinterpret_cast<const char*>(p) + kSumAhead, bytes);
 }
 
 // A vector of accumulation values in its storage format: the same vector for float and
