@@ -342,26 +342,29 @@ def test_deterministic(device):
 
 
 @pytest.mark.parametrize("dtype,wdtype", [DTYPES[0], DTYPES[1], DTYPES[4]], ids=["fp32", "fp64", "bf16+fp32w"])
-@pytest.mark.parametrize("shape", [(2, 100, 100, 100), (128, 400, 7, 7), (4, 256, 2100)],
+@pytest.mark.parametrize("shape", [(2, 320, 80, 80), (128, 640, 7, 7), (4, 512, 2100)],
                          ids=["planes", "short-planes", "long-planes"])
-def test_channel_block_forward_equals_two_passes(shape, dtype, wdtype):
-    """On CPU, a large NCHW / (N, C, L) training forward runs in blocks of channels, each
-    read once from memory (batch_norm_impl.h, fused_ncs_forward); a tensor below the
-    streaming threshold runs the statistics and the normalization as two passes over the
-    whole tensor. Both must give the same bits. With 2 threads, every shape here has at
-    least 16 blocks of 256 KiB, as the block path needs."""
+def test_channel_blocks_equal_two_passes(shape, dtype, wdtype):
+    """On CPU, a large NCHW / (N, C, L) training forward and backward run in blocks of
+    channels, each read once from memory (batch_norm_impl.h, for_channel_blocks); inputs
+    below the streaming threshold run the reduction and the elementwise pass as two passes
+    over the whole tensor. Both must give the same bits. Every shape and dtype here has at
+    least 16 blocks of 512 KiB per input, twice the 8 per thread that the block path needs
+    with the one thread used here."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 2
+    dy = torch.randn(shape, generator=g, dtype=dtype)
     C = shape[1]
     w, b = (torch.randn(C, generator=g, dtype=wdtype) for _ in range(2))
     outs = []
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
+        torch.set_num_threads(1)
         for threshold in (1 << 62, 0):  # two passes, then blocks
             fused_norm._C.set_stream_threshold(threshold)
             rm, rv = torch.zeros(C, dtype=wdtype), torch.ones(C, dtype=wdtype)
-            outs.append(ops.batch_norm_fwd(x, w, b, rm, rv, None, True, 0.1, 1e-5))
+            fwd = ops.batch_norm_fwd(x, w, b, rm, rv, None, True, 0.1, 1e-5)
+            outs.append([*fwd, *ops.batch_norm_bwd(dy, x, w, b, fwd[1], fwd[2], True)])
     finally:
         fused_norm._C.set_stream_threshold(-1)
         torch.set_num_threads(threads)

@@ -9,11 +9,12 @@
 // Training forward: one read of x computes exact moments per run / per row block (one
 // vectorized sweep of sums shifted by the run's / block's first value), which are merged
 // per channel in double in a fixed order; the normalize pass applies one scale and shift
-// per channel. A large kNCS tensor is done in blocks of channels instead, both steps per
-// block while it is in cache (fused_ncs_forward), with the same bits. Half and bfloat16 are converted in registers (vec_io.h), never copied.
+// per channel. Half and bfloat16 are converted in registers (vec_io.h), never copied.
 // Backward: per-run / per-row-block sums of dy and dy * (x - mean) (products in the
 // accumulation type, sums in double lanes), added per channel in a fixed order, then one
-// elementwise pass for dx. The partition depends only on the shape, never on the thread
+// elementwise pass for dx. A large kNCS tensor is done in blocks of channels instead,
+// both passes over a block while it is in cache (for_channel_blocks), with the same bits.
+// The partition depends only on the shape, never on the thread
 // count, and there are no atomics: results are bitwise reproducible.
 #pragma once
 
@@ -68,6 +69,11 @@ struct NcsRuns {
   template <typename F>
   void parallel(F&& f) const {
     at::parallel_for(0, count(), grain(), [&](int64_t r0, int64_t r1) { runs(r0, r1, f); });
+  }
+  // runs() over the runs of channels [c0, c1), plane block by plane block (memory order).
+  template <typename F>
+  void channel_block_runs(int64_t c0, int64_t c1, F&& f) const {
+    for (int64_t nb = 0; nb < plane_blocks; ++nb) runs(index(nb, c0, 0), index(nb, c1, 0), f);
   }
   // f(run index) over channel c's runs in a fixed order.
   template <typename F>
@@ -178,16 +184,24 @@ Moments<double> merge_parts(Each&& each) {
   return Moments<double>{n, mean, m2};
 }
 
-// Lanes i..i+L-1 of a per-channel coefficient for a run whose element i belongs to
-// channel c + i * kStep: one broadcast channel (kStep 0) or consecutive channels (kStep 1).
+// A per-channel coefficient for a run whose element i belongs to channel c + i * kStep
+// (p points at channel c's): vec(i) gives lanes i..i+L-1, one broadcast channel (kStep 0)
+// or consecutive channels (kStep 1). The broadcast is made once, before the run's loop:
+// read through p at every vector, it was reloaded after each store (stores go through
+// memcpy, which may alias p).
 template <int64_t kStep, typename A>
-inline vec_t<A> coef(const A* p, int64_t i) {
-  if constexpr (kStep == 0) {
-    return vec_t<A>{} + p[0];
-  } else {
-    return loadu(p + i);
+struct Coef {
+  const A* p;
+  vec_t<A> broadcast;
+  explicit Coef(const A* q) : p(q), broadcast(vec_t<A>{} + q[0]) {}
+  vec_t<A> vec(int64_t i) const {
+    if constexpr (kStep == 0) {
+      return broadcast;
+    } else {
+      return loadu(p + i);
+    }
   }
-}
+};
 
 // The first n (< kLanes) values at p in a vector, the other lanes zero.
 template <typename T, typename A = acc_t<T>>
@@ -377,57 +391,74 @@ void update_running_stats(const BatchNormFwdParams& p, const std::vector<Moments
 template <int64_t kStep, bool kStream, typename T, typename A>
 inline void scale_shift_run(const T* __restrict x, int64_t n, const A* __restrict scale, const A* __restrict shift,
                             T* __restrict y) {
+  const Coef<kStep, A> sc(scale), sh(shift);
   store_loop<kStream>(
-      y, n, [&](int64_t i) { return load_vec(x + i) * coef<kStep>(scale, i) + coef<kStep>(shift, i); },
+      y, n, [&](int64_t i) { return load_vec(x + i) * sc.vec(i) + sh.vec(i); },
       [&](int64_t i) { return to_acc<A>(x[i]) * scale[i * kStep] + shift[i * kStep]; });
 }
 
-// kNCS training forward in blocks of channels, each of them one task that reads x once
-// from memory: the task computes its channels' runs (the same runs_moments over the same
-// runs as channel_moments, in memory order), merges them per channel (merge_runs, so the
-// statistics are bitwise those of channel_moments), then normalizes the block, which is
-// still in its core's L2 (at most kFuseBlockBytes of x). set(c, moments) gives channel
-// c's scale and shift. Returns false, doing nothing, when one channel exceeds the block,
-// when there are fewer than 8 blocks per thread (uneven shares), or when x is smaller than
-// stream_threshold_bytes() (the threads' caches keep it between two passes anyway: 8x1024
-// x14x14 bfloat16 measured 0.87x in blocks). Against the two passes, ratios to torch's
-// time in alternating processes (2-core Xeon, 6 pairs): bfloat16 32x256x28x28 1.59x ->
-// 1.76-1.79x, float32 16x256x1024 3.7x -> 4.2-4.5x, bfloat16 64x256x1024 5.3x -> 5.5-5.7x;
-// 8x256x56x56 bfloat16 unchanged. Blocks of 128 KiB to 1.5 MiB measured within the noise
-// of each other; prefetching the next block while normalizing measured 0.9x.
-constexpr int64_t kFuseBlockBytes = 256 << 10;
+// A kNCS training pass (forward or backward) in blocks of channels, each of them one task
+// that reads its inputs once from memory: f(stream, c0, c1) computes the sums of the
+// channels [c0, c1) over the same runs as the whole-tensor reduction, adds them per
+// channel in the same order (so the results are bitwise those of the two passes), then
+// runs the elementwise pass over the block while it is still in its core's L2: at most
+// kFuseBlockBytes of each input (x; x and dy), channel_bytes per channel and input.
+// `bytes` and `run_bytes` are the elementwise pass's, for parallel_for_output. Returns
+// false, doing nothing, when one channel exceeds the block, when there are fewer than 8
+// blocks per thread (uneven shares), or when the inputs are smaller than
+// stream_threshold_bytes() (the threads' caches keep them between two passes anyway:
+// bfloat16 8x1024x14x14 forward measured 0.87x in blocks).
+// Measured on the 2-core Xeon in alternating processes against the two passes. Training
+// forward, ratio to torch's time (6 pairs, blocks of 256 KiB): bfloat16 32x256x28x28
+// 1.59x -> 1.76-1.79x, float32 16x256x1024 3.7x -> 4.2-4.5x, bfloat16 64x256x1024 5.3x
+// -> 5.5-5.7x, bfloat16 8x256x56x56 unchanged; blocks of 128 KiB to 1.5 MiB were within
+// the noise of each other, and prefetching the next block while normalizing measured
+// 0.9x. Backward, ms (4 runs): 512 KiB per input gave bfloat16 32x256x28x28 1.49 -> 1.42,
+// float32 32x256x28x28 2.51 -> 1.81, bfloat16 8x256x56x56 1.28 -> 1.15, bfloat16
+// 64x256x1024 5.02 -> 3.99, float32 16x256x1024 1.36 -> 1.17; 256 KiB for both inputs
+// together made bfloat16 32x256x28x28 slower (1.51 -> 1.87: 2 channels per block, 3 KiB
+// read contiguously per plane), and 1 MiB per input was no better than 512 KiB.
+constexpr int64_t kFuseBlockBytes = 512 << 10;
+template <typename F>
+bool for_channel_blocks(int64_t C, int64_t channel_bytes, int64_t bytes, int64_t run_bytes, F&& f) {
+  if (channel_bytes == 0 || channel_bytes > kFuseBlockBytes) return false;
+  const int64_t per_block = kFuseBlockBytes / channel_bytes, blocks = (C + per_block - 1) / per_block;
+  if (blocks < 8 * at::get_num_threads() || C * channel_bytes < stream_threshold_bytes()) return false;
+  parallel_for_output(bytes, run_bytes, 0, blocks, 1, [&](auto stream, int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) f(stream, blk * per_block, std::min(C, (blk + 1) * per_block));
+  });
+  return true;
+}
+
+// f(offset, c, len) over the kNCS runs (of at most kBlock values) of the planes of
+// channels [c0, c1), in memory order.
+template <typename F>
+void block_elements(int64_t N, int64_t C, int64_t S, int64_t c0, int64_t c1, F&& f) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t s0 = 0; s0 < S; s0 += kBlock) f((n * C + c) * S + s0, c, std::min(kBlock, S - s0));
+}
+
+// kNCS training forward in blocks of channels (for_channel_blocks): set(c, moments) gives
+// channel c's scale and shift.
 template <typename T, typename A, typename Set>
 bool fused_ncs_forward(const BatchNormFwdParams& p, const A* scale, const A* shift, std::vector<Moments<double>>& m,
                        Set&& set) {
   const int64_t C = p.C, S = p.S, elem = static_cast<int64_t>(sizeof(T));
-  const int64_t channel_bytes = p.N * S * elem;
-  if (channel_bytes == 0 || channel_bytes > kFuseBlockBytes) return false;
-  const int64_t per_block = kFuseBlockBytes / channel_bytes, blocks = (C + per_block - 1) / per_block;
-  if (blocks < 8 * at::get_num_threads() || C * channel_bytes < stream_threshold_bytes()) return false;
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   const NcsRuns runs(p.N, C, S, /*group_planes=*/true);
   std::vector<Moments<stat_sum_t<T>>> part(runs.count());
-  const int64_t bytes = p.N * C * S * 2 * elem;
-  parallel_for_output(bytes, std::min(kBlock, S) * elem, 0, blocks, 1, [&](auto stream, int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t c0 = blk * per_block, c1 = std::min(C, c0 + per_block);
-      for (int64_t nb = 0; nb < runs.plane_blocks; ++nb)
-        runs.runs(runs.index(nb, c0, 0), runs.index(nb, c1, 0), [&](int64_t, int64_t off, int64_t len, int64_t r,
-                                                                     int64_t np) {
+  return for_channel_blocks(
+      C, p.N * S * elem, p.N * C * S * 2 * elem, std::min(kBlock, S) * elem, [&](auto stream, int64_t c0, int64_t c1) {
+        runs.channel_block_runs(c0, c1, [&](int64_t, int64_t off, int64_t len, int64_t r, int64_t np) {
           part[r] = ln::runs_moments(x + off, np, runs.plane_stride(), len);
         });
-      for (int64_t c = c0; c < c1; ++c) set(c, m[c] = merge_runs(runs, part, c));
-      for (int64_t n = 0; n < p.N; ++n)
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-            const int64_t off = (n * C + c) * S + s0;
-            scale_shift_run<0, decltype(stream)::value>(x + off, std::min(kBlock, S - s0), scale + c, shift + c,
-                                                        y + off);
-          }
-    }
-  });
-  return true;
+        for (int64_t c = c0; c < c1; ++c) set(c, m[c] = merge_runs(runs, part, c));
+        block_elements(p.N, C, S, c0, c1, [&](int64_t off, int64_t c, int64_t len) {
+          scale_shift_run<0, decltype(stream)::value>(x + off, len, scale + c, shift + c, y + off);
+        });
+      });
 }
 
 template <typename T, typename W>
@@ -548,6 +579,17 @@ void nsc_grad_sums(const NscBlocks& blocks, const T* x, const T* dy, const A* me
   });
 }
 
+// Channel c's backward sums from those of its kNCS runs (run r: part[2r], part[2r + 1]),
+// added in channel_runs order.
+inline void add_runs(const NcsRuns& runs, const std::vector<double>& part, int64_t c, double& s, double& sx) {
+  s = 0;
+  sx = 0;
+  runs.channel_runs(c, [&](int64_t r) {
+    s += part[2 * r];
+    sx += part[2 * r + 1];
+  });
+}
+
 // Per channel: sum dy and sum dy * (x - mean), per run / row block, added in double.
 template <typename T, typename A = acc_t<T>>
 void channel_grad_sums(const BatchNormBwdParams& p, std::vector<double>& sum_dy, std::vector<double>& sum_dyx) {
@@ -561,15 +603,7 @@ void channel_grad_sums(const BatchNormBwdParams& p, std::vector<double>& sum_dy,
     runs.parallel([&](int64_t c, int64_t off, int64_t len, int64_t r, int64_t np) {
       grad_sums_runs(x + off, dy + off, np, runs.plane_stride(), len, mean[c], part[2 * r], part[2 * r + 1]);
     });
-    for_channels(C, runs.plane_blocks * runs.per_plane, [&](int64_t c) {
-      double s = 0, sx = 0;
-      runs.channel_runs(c, [&](int64_t r) {
-        s += part[2 * r];
-        sx += part[2 * r + 1];
-      });
-      sum_dy[c] = s;
-      sum_dyx[c] = sx;
-    });
+    for_channels(C, runs.plane_blocks * runs.per_plane, [&](int64_t c) { add_runs(runs, part, c, sum_dy[c], sum_dyx[c]); });
     return;
   }
   const NscBlocks blocks(p.N * p.S, C);
@@ -592,11 +626,11 @@ void channel_grad_sums(const BatchNormBwdParams& p, std::vector<double>& sum_dy,
 template <int64_t kStep, bool kStream, typename T, typename A>
 inline void dx_run(const T* __restrict x, const T* __restrict dy, int64_t n, const A* __restrict mean,
                    const A* __restrict a, const A* __restrict k, const A* __restrict mean_dy, T* __restrict out) {
+  const Coef<kStep, A> cm(mean), ca(a), ck(k), cmd(mean_dy);
   store_loop<kStream>(
       out, n,
       [&](int64_t i) {
-        return batch_norm_dx(load_vec(dy + i), load_vec(x + i), coef<kStep>(mean, i), coef<kStep>(a, i),
-                             coef<kStep>(k, i), coef<kStep>(mean_dy, i));
+        return batch_norm_dx(load_vec(dy + i), load_vec(x + i), cm.vec(i), ca.vec(i), ck.vec(i), cmd.vec(i));
       },
       [&](int64_t i) {
         return batch_norm_dx(to_acc<A>(dy[i]), to_acc<A>(x[i]), mean[i * kStep], a[i * kStep], k[i * kStep],
@@ -606,41 +640,81 @@ inline void dx_run(const T* __restrict x, const T* __restrict dy, int64_t n, con
 
 template <int64_t kStep, bool kStream, typename T, typename A>
 inline void dx_eval_run(const T* __restrict dy, int64_t n, const A* __restrict a, T* __restrict out) {
+  const Coef<kStep, A> ca(a);
   store_loop<kStream>(
-      out, n, [&](int64_t i) { return load_vec(dy + i) * coef<kStep>(a, i); },
+      out, n, [&](int64_t i) { return load_vec(dy + i) * ca.vec(i); },
       [&](int64_t i) { return to_acc<A>(dy[i]) * a[i * kStep]; });
 }
+
+// The per-channel coefficients of dx (batch_norm_dx, norm_math.h), from the channel's sums
+// over n values, and dx of a run with them.
+template <typename T, typename W>
+struct DxCoefs {
+  using A = acc_t<T>;
+  const BatchNormBwdParams& p;
+  const A* invstd;
+  std::vector<A> w, a, k, mean_dy;
+  double inv_n;
+  DxCoefs(const BatchNormBwdParams& params, double n)
+      : p(params), invstd(static_cast<const A*>(params.invstd)), w(ln::widen_param<A, W>(params.weight, params.C)),
+        a(params.C), k(params.C), mean_dy(params.C), inv_n(1.0 / n) {}
+  void set(int64_t c, double sum_dy, double sum_dyx) {
+    a[c] = invstd[c] * (w.empty() ? A(1) : w[c]);
+    k[c] = static_cast<A>(static_cast<double>(invstd[c]) * invstd[c] * sum_dyx * inv_n);
+    mean_dy[c] = static_cast<A>(sum_dy * inv_n);
+  }
+  // dx of the run of len elements at offset off, element i of channel c + i * kStep.
+  template <int64_t kStep, bool kStream>
+  void run(int64_t off, int64_t c, int64_t len) const {
+    const T* dy = static_cast<const T*>(p.dy) + off;
+    T* dx = static_cast<T*>(p.dx) + off;
+    if (p.training) {
+      dx_run<kStep, kStream>(static_cast<const T*>(p.x) + off, dy, len, static_cast<const A*>(p.mean) + c,
+                             a.data() + c, k.data() + c, mean_dy.data() + c, dx);
+    } else {
+      dx_eval_run<kStep, kStream>(dy, len, a.data() + c, dx);
+    }
+  }
+};
 
 // dx from the per-channel sums over n values per channel (elementwise phase).
 template <typename T, typename W>
 void backward_dx(const BatchNormBwdParams& p, const std::vector<double>& sum_dy, const std::vector<double>& sum_dyx,
                  double n) {
+  DxCoefs<T, W> coefs(p, n);
+  for (int64_t c = 0; c < p.C; ++c) coefs.set(c, sum_dy[c], sum_dyx[c]);
+  const int64_t bytes = p.N * p.C * p.S * (p.training ? 3 : 2) * static_cast<int64_t>(sizeof(T));
+  for_each_run<T>(p.N, p.C, p.S, p.layout, bytes, [&](auto step, auto stream, int64_t off, int64_t c, int64_t len) {
+    coefs.template run<decltype(step)::value, decltype(stream)::value>(off, c, len);
+  });
+}
+
+// kNCS training backward in blocks of channels (for_channel_blocks): the sums of
+// channel_grad_sums, then dx.
+template <typename T, typename W>
+bool fused_ncs_backward(const BatchNormBwdParams& p, std::vector<double>& sum_dy, std::vector<double>& sum_dyx) {
   using A = acc_t<T>;
-  const int64_t C = p.C;
-  const A* mean = static_cast<const A*>(p.mean);
-  const A* invstd = static_cast<const A*>(p.invstd);
-  const std::vector<A> w = ln::widen_param<A, W>(p.weight, C);
-  const double inv_n = 1.0 / n;
-  std::vector<A> a(C), k(C), mean_dy(C);
-  for (int64_t c = 0; c < C; ++c) {
-    a[c] = invstd[c] * (w.empty() ? A(1) : w[c]);
-    k[c] = static_cast<A>(static_cast<double>(invstd[c]) * invstd[c] * sum_dyx[c] * inv_n);
-    mean_dy[c] = static_cast<A>(sum_dy[c] * inv_n);
-  }
+  const int64_t C = p.C, S = p.S, elem = static_cast<int64_t>(sizeof(T));
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
-  T* dx = static_cast<T*>(p.dx);
-  const int64_t bytes = p.N * C * p.S * (p.training ? 3 : 2) * static_cast<int64_t>(sizeof(T));
-  for_each_run<T>(p.N, C, p.S, p.layout, bytes, [&](auto step, auto stream, int64_t off, int64_t c, int64_t len) {
-    constexpr int64_t kStep = decltype(step)::value;
-    constexpr bool kStream = decltype(stream)::value;
-    if (p.training) {
-      dx_run<kStep, kStream>(x + off, dy + off, len, mean + c, a.data() + c, k.data() + c, mean_dy.data() + c,
-                             dx + off);
-    } else {
-      dx_eval_run<kStep, kStream>(dy + off, len, a.data() + c, dx + off);
-    }
-  });
+  const A* mean = static_cast<const A*>(p.mean);
+  const NcsRuns runs(p.N, C, S, /*group_planes=*/true);
+  std::vector<double> part(2 * runs.count());
+  DxCoefs<T, W> coefs(p, static_cast<double>(p.N * S));
+  return for_channel_blocks(
+      C, p.N * S * elem, p.N * C * S * 3 * elem, std::min(kBlock, S) * elem,
+      [&](auto stream, int64_t c0, int64_t c1) {
+        runs.channel_block_runs(c0, c1, [&](int64_t c, int64_t off, int64_t len, int64_t r, int64_t np) {
+          grad_sums_runs(x + off, dy + off, np, runs.plane_stride(), len, mean[c], part[2 * r], part[2 * r + 1]);
+        });
+        for (int64_t c = c0; c < c1; ++c) {
+          add_runs(runs, part, c, sum_dy[c], sum_dyx[c]);
+          coefs.set(c, sum_dy[c], sum_dyx[c]);
+        }
+        block_elements(p.N, C, S, c0, c1, [&](int64_t off, int64_t c, int64_t len) {
+          coefs.template run<0, decltype(stream)::value>(off, c, len);
+        });
+      });
 }
 
 template <typename T, typename W>
@@ -649,12 +723,14 @@ void backward(const BatchNormBwdParams& p) {
   const int64_t C = p.C;
   const A* invstd = static_cast<const A*>(p.invstd);
   std::vector<double> sum_dy(C), sum_dyx(C);
-  if (p.training || p.dweight || p.dbias) channel_grad_sums<T>(p, sum_dy, sum_dyx);
+  const bool fused =
+      p.training && p.layout == BatchNormLayout::kNCS && fused_ncs_backward<T, W>(p, sum_dy, sum_dyx);
+  if (!fused && (p.training || p.dweight || p.dbias)) channel_grad_sums<T>(p, sum_dy, sum_dyx);
   for (int64_t c = 0; c < C; ++c) {
     if (p.dweight) static_cast<W*>(p.dweight)[c] = from_acc<W>(static_cast<A>(sum_dyx[c] * invstd[c]));
     if (p.dbias) static_cast<W*>(p.dbias)[c] = from_acc<W>(static_cast<A>(sum_dy[c]));
   }
-  backward_dx<T, W>(p, sum_dy, sum_dyx, static_cast<double>(p.N * p.S));
+  if (!fused) backward_dx<T, W>(p, sum_dy, sum_dyx, static_cast<double>(p.N * p.S));
 }
 
 // The phases on their own, for a synchronized BatchNorm (params.h).
