@@ -14,8 +14,8 @@
 // accumulation type, sums in double lanes), added per channel in a fixed order, then one
 // elementwise pass for dx. A large kNCS tensor is done in blocks of channels instead,
 // both passes over a block while it is in cache (for_channel_blocks), with the same bits.
-// The partition depends only on the shape, never on the thread
-// count, and there are no atomics: results are bitwise reproducible.
+// The partition depends only on the shape, never on the thread count, and there are no
+// atomics: results are bitwise reproducible.
 #pragma once
 
 namespace bn {
