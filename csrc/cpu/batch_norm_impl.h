@@ -415,11 +415,12 @@ inline void scale_shift_run(const T* __restrict x, int64_t n, const A* __restric
 // the noise of each other. Overlapping a task's two phases did not help: prefetching the
 // next block while normalizing measured 0.9x, and summing plane n of the next block
 // between the normalizes of planes n of this one (same bits) 0.92x-0.94x on bfloat16
-// 32x256x28x28 and 0.96x-1.06x elsewhere (same process, 3 runs). Backward, ms (4 runs): 512 KiB per input gave bfloat16 32x256x28x28 1.49 -> 1.42,
-// float32 32x256x28x28 2.51 -> 1.81, bfloat16 8x256x56x56 1.28 -> 1.15, bfloat16
-// 64x256x1024 5.02 -> 3.99, float32 16x256x1024 1.36 -> 1.17; 256 KiB for both inputs
-// together made bfloat16 32x256x28x28 slower (1.51 -> 1.87: 2 channels per block, 3 KiB
-// read contiguously per plane), and 1 MiB per input was no better than 512 KiB.
+// 32x256x28x28 and 0.96x-1.06x elsewhere (same process, 3 runs). Backward, ms (4 runs):
+// 512 KiB per input gave bfloat16 32x256x28x28 1.49 -> 1.42, float32 32x256x28x28 2.51 ->
+// 1.81, bfloat16 8x256x56x56 1.28 -> 1.15, bfloat16 64x256x1024 5.02 -> 3.99, float32
+// 16x256x1024 1.36 -> 1.17; 256 KiB for both inputs together made bfloat16 32x256x28x28
+// slower (1.51 -> 1.87: 2 channels per block, 3 KiB read contiguously per plane), and
+// 1 MiB per input was no better than 512 KiB.
 constexpr int64_t kFuseBlockBytes = 512 << 10;
 template <typename F>
 bool for_channel_blocks(int64_t C, int64_t channel_bytes, int64_t bytes, int64_t run_bytes, F&& f) {
@@ -605,7 +606,8 @@ void channel_grad_sums(const BatchNormBwdParams& p, std::vector<double>& sum_dy,
     runs.parallel([&](int64_t c, int64_t off, int64_t len, int64_t r, int64_t np) {
       grad_sums_runs(x + off, dy + off, np, runs.plane_stride(), len, mean[c], part[2 * r], part[2 * r + 1]);
     });
-    for_channels(C, runs.plane_blocks * runs.per_plane, [&](int64_t c) { add_runs(runs, part, c, sum_dy[c], sum_dyx[c]); });
+    for_channels(C, runs.plane_blocks * runs.per_plane,
+                 [&](int64_t c) { add_runs(runs, part, c, sum_dy[c], sum_dyx[c]); });
     return;
   }
   const NscBlocks blocks(p.N * p.S, C);
