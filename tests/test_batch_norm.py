@@ -341,16 +341,18 @@ def test_deterministic(device):
             assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype,wdtype", [DTYPES[0], DTYPES[1], DTYPES[4]], ids=["fp32", "fp64", "bf16+fp32w"])
 @pytest.mark.parametrize("shape", [(2, 320, 80, 80), (128, 640, 7, 7), (4, 512, 2100)],
                          ids=["planes", "short-planes", "long-planes"])
-def test_channel_blocks_equal_two_passes(shape, dtype, wdtype):
+def test_channel_blocks_equal_two_passes(shape, dtype, wdtype, threads):
     """On CPU, a large NCHW / (N, C, L) training forward and backward run in blocks of
-    channels, each read once from memory (batch_norm_impl.h, for_channel_blocks); inputs
+    channels, each read once from memory (batch_norm_impl.h, ChannelBlocks: each thread
+    sums a block while it normalizes the one before, except for short planes); inputs
     below the streaming threshold run the reduction and the elementwise pass as two passes
     over the whole tensor. Both must give the same bits. Every shape and dtype here has at
-    least 16 blocks of 512 KiB per input, twice the 8 per thread that the block path needs
-    with the one thread used here."""
+    least 16 blocks of 512 KiB per input, the 8 per thread that the block path needs with
+    two threads; with (4, 512, 2100) the last block has fewer channels than the others."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 2
     dy = torch.randn(shape, generator=g, dtype=dtype)
@@ -359,7 +361,7 @@ def test_channel_blocks_equal_two_passes(shape, dtype, wdtype):
     outs = []
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         for threshold in (1 << 62, 0):  # two passes, then blocks
             fused_norm._C.set_stream_threshold(threshold)
             rm, rv = torch.zeros(C, dtype=wdtype), torch.ones(C, dtype=wdtype)

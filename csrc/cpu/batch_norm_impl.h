@@ -13,7 +13,7 @@
 // Backward: per-run / per-row-block sums of dy and dy * (x - mean) (products in the
 // accumulation type, sums in double lanes), added per channel in a fixed order, then one
 // elementwise pass for dx. A large kNCS tensor is done in blocks of channels instead,
-// both passes over a block while it is in cache (for_channel_blocks), with the same bits.
+// both passes over a block while it is in cache (ChannelBlocks), with the same bits.
 // The partition depends only on the shape, never on the thread count, and there are no
 // atomics: results are bitwise reproducible.
 #pragma once
@@ -397,52 +397,136 @@ inline void scale_shift_run(const T* __restrict x, int64_t n, const A* __restric
       [&](int64_t i) { return to_acc<A>(x[i]) * scale[i * kStep] + shift[i * kStep]; });
 }
 
-// A kNCS training pass (forward or backward) in blocks of channels, each of them one task
-// that reads its inputs once from memory: f(stream, c0, c1) computes the sums of the
-// channels [c0, c1) over the same runs as the whole-tensor reduction, adds them per
-// channel in the same order (so the results are bitwise those of the two passes), then
-// runs the elementwise pass over the block while it is still in its core's L2: at most
-// kFuseBlockBytes of each input (x; x and dy), channel_bytes per channel and input.
-// `bytes` and `run_bytes` are the elementwise pass's, for parallel_for_output. Returns
-// false, doing nothing, when one channel exceeds the block, when there are fewer than 8
-// blocks per thread (uneven shares), or when the inputs are smaller than
+// A kNCS training pass (forward or backward) in blocks of channels, each of them read
+// once from memory: the sums of the channels [c0, c1) over the same runs as the
+// whole-tensor reduction, added per channel in the same order (so the results are bitwise
+// those of the two passes), then the elementwise pass over the block while it is still in
+// its core's L2: at most kFuseBlockBytes of each input (x; x and dy), channel_bytes per
+// channel and input. A block's elementwise pass needs its sums, so a core that did them
+// one after the other would read (the sums) and then write (the elementwise pass) instead
+// of both at once as a copy does: each task therefore takes its blocks in order and does
+// the sums of a block while it writes the block before (ChannelBlocks::pipeline).
+// Blocks are not used (count 0) when one channel exceeds the block, when there are fewer
+// than 8 blocks per thread (uneven shares), or when the inputs are smaller than
 // stream_threshold_bytes() (the threads' caches keep them between two passes anyway:
 // bfloat16 8x1024x14x14 forward measured 0.87x in blocks).
-// Measured on the 2-core Xeon in alternating processes against the two passes. Training
-// forward, ratio to torch's time (6 pairs, blocks of 256 KiB): bfloat16 32x256x28x28
-// 1.59x -> 1.76-1.79x, float32 16x256x1024 3.7x -> 4.2-4.5x, bfloat16 64x256x1024 5.3x
-// -> 5.5-5.7x, bfloat16 8x256x56x56 unchanged; blocks of 128 KiB to 1.5 MiB were within
-// the noise of each other. Overlapping a task's two phases did not help: prefetching the
-// next block while normalizing measured 0.9x, and summing plane n of the next block
-// between the normalizes of planes n of this one (same bits) 0.92x-0.94x on bfloat16
-// 32x256x28x28 and 0.96x-1.06x elsewhere (same process, 3 runs). Backward, ms (4 runs):
-// 512 KiB per input gave bfloat16 32x256x28x28 1.49 -> 1.42, float32 32x256x28x28 2.51 ->
-// 1.81, bfloat16 8x256x56x56 1.28 -> 1.15, bfloat16 64x256x1024 5.02 -> 3.99, float32
-// 16x256x1024 1.36 -> 1.17; 256 KiB for both inputs together made bfloat16 32x256x28x28
-// slower (1.51 -> 1.87: 2 channels per block, 3 KiB read contiguously per plane), and
-// 1 MiB per input was no better than 512 KiB.
+// Measured on the 2-core Xeon in alternating processes against the two passes, before the
+// pipeline. Training forward, ratio to torch's time (6 pairs, blocks of 256 KiB): bfloat16
+// 32x256x28x28 1.59x -> 1.76-1.79x, float32 16x256x1024 3.7x -> 4.2-4.5x, bfloat16
+// 64x256x1024 5.3x -> 5.5-5.7x, bfloat16 8x256x56x56 unchanged; blocks of 128 KiB to 1.5
+// MiB were within the noise of each other. Backward, ms (4 runs): 512 KiB per input gave
+// bfloat16 32x256x28x28 1.49 -> 1.42, float32 32x256x28x28 2.51 -> 1.81, bfloat16
+// 8x256x56x56 1.28 -> 1.15, bfloat16 64x256x1024 5.02 -> 3.99, float32 16x256x1024 1.36 ->
+// 1.17; 256 KiB for both inputs together made bfloat16 32x256x28x28 slower (1.51 -> 1.87:
+// 2 channels per block, 3 KiB read contiguously per plane), and 1 MiB per input was no
+// better than 512 KiB.
 constexpr int64_t kFuseBlockBytes = 512 << 10;
-template <typename F>
-bool for_channel_blocks(int64_t C, int64_t channel_bytes, int64_t bytes, int64_t run_bytes, F&& f) {
-  if (channel_bytes == 0 || channel_bytes > kFuseBlockBytes) return false;
-  const int64_t per_block = kFuseBlockBytes / channel_bytes, blocks = (C + per_block - 1) / per_block;
-  if (blocks < 8 * at::get_num_threads() || C * channel_bytes < stream_threshold_bytes()) return false;
-  parallel_for_output(bytes, run_bytes, 0, blocks, 1, [&](auto stream, int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) f(stream, blk * per_block, std::min(C, (blk + 1) * per_block));
-  });
-  return true;
-}
+struct ChannelBlocks {
+  const NcsRuns& runs;
+  int64_t per_block, count;
+  ChannelBlocks(const NcsRuns& r, int64_t channel_bytes) : runs(r), per_block(0), count(0) {
+    if (channel_bytes == 0 || channel_bytes > kFuseBlockBytes) return;
+    const int64_t per = kFuseBlockBytes / channel_bytes, blocks = (r.C + per - 1) / per;
+    if (blocks < 8 * at::get_num_threads() || r.C * channel_bytes < stream_threshold_bytes()) return;
+    per_block = per;
+    count = blocks;
+  }
+  int64_t lo(int64_t b) const { return b * per_block; }
+  int64_t hi(int64_t b) const { return std::min(runs.C, (b + 1) * per_block); }
 
-// f(offset, c, len) over the kNCS runs (of at most kBlock values) of the planes of
-// channels [c0, c1), in memory order.
-template <typename F>
-void block_elements(int64_t N, int64_t C, int64_t S, int64_t c0, int64_t c1, F&& f) {
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = c0; c < c1; ++c)
-      for (int64_t s0 = 0; s0 < S; s0 += kBlock) f((n * C + c) * S + s0, c, std::min(kBlock, S - s0));
-}
+  // f(offset, c, len) over the runs (of at most kBlock values) of the planes of channels
+  // [c0, c1), in memory order.
+  template <typename F>
+  void elements(int64_t c0, int64_t c1, F&& f) const {
+    for (int64_t n = 0; n < runs.N; ++n)
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t s0 = 0; s0 < runs.S; s0 += kBlock)
+          f((n * runs.C + c) * runs.S + s0, c, std::min(kBlock, runs.S - s0));
+  }
 
-// kNCS training forward in blocks of channels (for_channel_blocks): set(c, moments) gives
+  // The blocks in parallel (`bytes` and `run_bytes`: the elementwise pass's, for
+  // parallel_for_output), each task pipelining its range of blocks:
+  //   sums(c0, c1)                   the sums of a block's runs (runs.channel_block_runs)
+  //   done(c0, c1)                   adds them per channel, sets the elementwise coefficients
+  //   elementwise(stream, off, c, len)  the elementwise pass of one run
+  //   paired(stream, r, off, c, off_prev, c_prev, len)  the sums of run r (of one plane, at
+  //                                  off, channel c) while doing the elementwise pass of the
+  //                                  run at off_prev (channel c_prev, same length)
+  // A task does sums and done of its first block; then, for each next block, its sums
+  // paired with the elementwise pass of the block before, run j of plane n with run j of
+  // plane n (the elementwise passes of the previous block's extra channels when it has
+  // more), and done; and last the elementwise pass of its last block. Runs that cover
+  // several planes (short planes, runs.planes > 1) are not paired: the task then does the
+  // elementwise pass of the block before and the sums one after the other.
+  // paired may be nullptr: no pairing.
+  // Measured in-process against the unpaired order (bitwise the same results; medians of
+  // 8 rounds, 2-core Xeon), training forward: bfloat16 32x256x28x28 1.06x-1.09x,
+  // 8x256x56x56 1.16x-1.24x, 64x256x1024 1.09x-1.10x; float32 32x256x28x28 1.16x-1.23x,
+  // 8x256x56x56 1.21x, 16x256x1024 1.11x-1.22x. The backward is not paired: its sums
+  // (dy and dy * (x - mean), in double lanes) paired with dx measured 0.90x on bfloat16
+  // 32x256x28x28, 0.95x on float32, 0.99x on float32 16x256x1024, and 1.11x-1.14x on
+  // bfloat16 8x256x56x56 and 64x256x1024.
+  template <typename Sums, typename Done, typename Elementwise, typename Paired>
+  void pipeline(int64_t bytes, int64_t run_bytes, Sums&& sums, Done&& done, Elementwise&& elementwise,
+                Paired&& paired) const {
+    parallel_for_output(bytes, run_bytes, 0, count, 1, [&](auto stream, int64_t b0, int64_t b1) {
+      auto elementwise_block = [&](int64_t c0, int64_t c1) {
+        elements(c0, c1, [&](int64_t off, int64_t c, int64_t len) { elementwise(stream, off, c, len); });
+      };
+      sums(lo(b0), hi(b0));
+      done(lo(b0), hi(b0));
+      for (int64_t b = b0 + 1; b < b1; ++b) {
+        const int64_t p0 = lo(b - 1), p1 = hi(b - 1), c0 = lo(b), c1 = hi(b);  // c1 - c0 <= p1 - p0
+        bool was_paired = false;
+        if constexpr (!std::is_same_v<std::decay_t<Paired>, std::nullptr_t>) {
+          if (runs.planes == 1) {
+            for (int64_t n = 0; n < runs.N; ++n) {
+              for (int64_t j = 0; j < c1 - c0; ++j)
+                for (int64_t k = 0, s0 = 0; k < runs.per_plane; ++k, s0 += kBlock)
+                  paired(stream, runs.index(n, c0 + j, k), (n * runs.C + c0 + j) * runs.S + s0, c0 + j,
+                         (n * runs.C + p0 + j) * runs.S + s0, p0 + j, std::min(kBlock, runs.S - s0));
+              for (int64_t c = p0 + (c1 - c0); c < p1; ++c)
+                for (int64_t s0 = 0; s0 < runs.S; s0 += kBlock)
+                  elementwise(stream, (n * runs.C + c) * runs.S + s0, c, std::min(kBlock, runs.S - s0));
+            }
+            was_paired = true;
+          }
+        }
+        if (!was_paired) {
+          elementwise_block(p0, p1);
+          sums(c0, c1);
+        }
+        done(c0, c1);
+      }
+      elementwise_block(lo(b1 - 1), hi(b1 - 1));
+    });
+  }
+};
+
+// An elementwise pass's output written from inside a sweep of sums, four vectors per step
+// of 4 * kLanes values from 0 (ln::runs_moments' step): out[i] = vec(i), stored as
+// store_loop stores them (streamed with kStream when out starts on a 64-byte line, cached
+// otherwise). The caller then writes the values from the last whole step on.
+template <bool kStream, typename T, typename FV>
+struct StepStores {
+  static constexpr int64_t L = kLanes<acc_t<T>>;
+  T* out;
+  FV vec;
+  bool streamed;
+  StepStores(T* o, FV v) : out(o), vec(v), streamed(kStream && reinterpret_cast<uintptr_t>(o) % kStreamAlign == 0) {}
+  void operator()(int64_t i) const {
+    for (int64_t q = i; q < i + 4 * L; q += L) {
+      if (streamed) {
+        stream_bytes(out + q, to_storage(out, vec(q)));
+      } else {
+        store_vec(out + q, vec(q));
+      }
+    }
+  }
+  static int64_t done(int64_t n) { return n / (4 * L) * (4 * L); }
+};
+
+// kNCS training forward in blocks of channels (ChannelBlocks): set(c, moments) gives
 // channel c's scale and shift.
 template <typename T, typename A, typename Set>
 bool fused_ncs_forward(const BatchNormFwdParams& p, const A* scale, const A* shift, std::vector<Moments<double>>& m,
@@ -451,17 +535,33 @@ bool fused_ncs_forward(const BatchNormFwdParams& p, const A* scale, const A* shi
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   const NcsRuns runs(p.N, C, S, /*group_planes=*/true);
+  const ChannelBlocks blocks(runs, p.N * S * elem);
+  if (blocks.count == 0) return false;
   std::vector<Moments<stat_sum_t<T>>> part(runs.count());
-  return for_channel_blocks(
-      C, p.N * S * elem, p.N * C * S * 2 * elem, std::min(kBlock, S) * elem, [&](auto stream, int64_t c0, int64_t c1) {
+  blocks.pipeline(
+      p.N * C * S * 2 * elem, std::min(kBlock, S) * elem,
+      [&](int64_t c0, int64_t c1) {
         runs.channel_block_runs(c0, c1, [&](int64_t, int64_t off, int64_t len, int64_t r, int64_t np) {
           part[r] = ln::runs_moments(x + off, np, runs.plane_stride(), len);
         });
+      },
+      [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) set(c, m[c] = merge_runs(runs, part, c));
-        block_elements(p.N, C, S, c0, c1, [&](int64_t off, int64_t c, int64_t len) {
-          scale_shift_run<0, decltype(stream)::value>(x + off, len, scale + c, shift + c, y + off);
-        });
+      },
+      [&](auto stream, int64_t off, int64_t c, int64_t len) {
+        scale_shift_run<0, decltype(stream)::value>(x + off, len, scale + c, shift + c, y + off);
+      },
+      [&](auto stream, int64_t r, int64_t off, int64_t, int64_t off_prev, int64_t c_prev, int64_t len) {
+        constexpr bool kS = decltype(stream)::value;
+        const vec_t<A> sc = vec_t<A>{} + scale[c_prev], sh = vec_t<A>{} + shift[c_prev];
+        const T* xp = x + off_prev;
+        auto vec = [=](int64_t i) { return load_vec(xp + i) * sc + sh; };
+        const StepStores<kS, T, decltype(vec)> stores(y + off_prev, vec);
+        part[r] = ln::runs_moments(x + off, 1, 0, len, stores);
+        const int64_t d = stores.done(len);
+        scale_shift_run<0, kS>(xp + d, len - d, scale + c_prev, shift + c_prev, y + off_prev + d);
       });
+  return true;
 }
 
 template <typename T, typename W>
@@ -693,7 +793,7 @@ void backward_dx(const BatchNormBwdParams& p, const std::vector<double>& sum_dy,
   });
 }
 
-// kNCS training backward in blocks of channels (for_channel_blocks): the sums of
+// kNCS training backward in blocks of channels (ChannelBlocks): the sums of
 // channel_grad_sums, then dx.
 template <typename T, typename W>
 bool fused_ncs_backward(const BatchNormBwdParams& p, std::vector<double>& sum_dy, std::vector<double>& sum_dyx) {
@@ -703,22 +803,28 @@ bool fused_ncs_backward(const BatchNormBwdParams& p, std::vector<double>& sum_dy
   const T* dy = static_cast<const T*>(p.dy);
   const A* mean = static_cast<const A*>(p.mean);
   const NcsRuns runs(p.N, C, S, /*group_planes=*/true);
+  const ChannelBlocks blocks(runs, p.N * S * elem);
+  if (blocks.count == 0) return false;
   std::vector<double> part(2 * runs.count());
   DxCoefs<T, W> coefs(p, static_cast<double>(p.N * S));
-  return for_channel_blocks(
-      C, p.N * S * elem, p.N * C * S * 3 * elem, std::min(kBlock, S) * elem,
-      [&](auto stream, int64_t c0, int64_t c1) {
+  blocks.pipeline(
+      p.N * C * S * 3 * elem, std::min(kBlock, S) * elem,
+      [&](int64_t c0, int64_t c1) {
         runs.channel_block_runs(c0, c1, [&](int64_t c, int64_t off, int64_t len, int64_t r, int64_t np) {
           grad_sums_runs(x + off, dy + off, np, runs.plane_stride(), len, mean[c], part[2 * r], part[2 * r + 1]);
         });
+      },
+      [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           add_runs(runs, part, c, sum_dy[c], sum_dyx[c]);
           coefs.set(c, sum_dy[c], sum_dyx[c]);
         }
-        block_elements(p.N, C, S, c0, c1, [&](int64_t off, int64_t c, int64_t len) {
-          coefs.template run<0, decltype(stream)::value>(off, c, len);
-        });
-      });
+      },
+      [&](auto stream, int64_t off, int64_t c, int64_t len) {
+        coefs.template run<0, decltype(stream)::value>(off, c, len);
+      },
+      nullptr);
+  return true;
 }
 
 template <typename T, typename W>

@@ -21,8 +21,13 @@ namespace ln {
 // and spread 1-2 ((4, 3, 2100), one sample at +4) gave 60x torch's error in the running
 // variance. A non-finite a would turn every d into NaN; the shift is then 0, and the
 // inf/NaN propagates as it does in torch (mean inf, variance NaN).
-template <typename T>
-inline Moments<stat_sum_t<T>> runs_moments(const T* x, int64_t runs, int64_t stride, int64_t n) {
+// step(i) runs once per step of four vectors (i: the step's first value in its run), so
+// that a caller can interleave an elementwise pass with the sums (bn::StepStores).
+struct NoStep {
+  void operator()(int64_t) const {}
+};
+template <typename T, typename Step = NoStep>
+inline Moments<stat_sum_t<T>> runs_moments(const T* x, int64_t runs, int64_t stride, int64_t n, Step&& step = {}) {
   using A = acc_t<T>;
   using S = stat_sum_t<T>;
   constexpr int64_t L = kLanes<A>, kPairBytes = 2 * L * static_cast<int64_t>(sizeof(T));
@@ -50,6 +55,7 @@ inline Moments<stat_sum_t<T>> runs_moments(const T* x, int64_t runs, int64_t str
       if (runs == 1) prefetch_ahead(xr + i, 2 * kPairBytes);
       load_pair(xr + i, v0, v1);
       load_pair(xr + i + 2 * L, v2, v3);
+      step(i);
       add(0, v0);
       add(1, v1);
       add(2, v2);
