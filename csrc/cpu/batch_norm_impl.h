@@ -401,8 +401,8 @@ inline void scale_shift_run(const T* __restrict x, int64_t n, const A* __restric
 // once from memory: the sums of the channels [c0, c1) over the same runs as the
 // whole-tensor reduction, added per channel in the same order (so the results are bitwise
 // those of the two passes), then the elementwise pass over the block while it is still in
-// its core's L2: at most kFuseBlockBytes of each input (x; x and dy), channel_bytes per
-// channel and input. A block's elementwise pass needs its sums, so a core that did them
+// its core's L2: at most kFuseBlockBytes of each input (x; x and dy; the forward's are
+// smaller, see kFuseForwardBytes), channel_bytes per channel and input. A block's elementwise pass needs its sums, so a core that did them
 // one after the other would read (the sums) and then write (the elementwise pass) instead
 // of both at once as a copy does: each task therefore takes its blocks in order and does
 // the sums of a block while it writes the block before (ChannelBlocks::pipeline).
@@ -420,13 +420,20 @@ inline void scale_shift_run(const T* __restrict x, int64_t n, const A* __restric
 // 1.17; 256 KiB for both inputs together made bfloat16 32x256x28x28 slower (1.51 -> 1.87:
 // 2 channels per block, 3 KiB read contiguously per plane), and 1 MiB per input was no
 // better than 512 KiB.
-constexpr int64_t kFuseBlockBytes = 512 << 10;
+// The forward's blocks are smaller (kFuseForwardBytes, or one channel of up to
+// kFuseBlockBytes): with the pipeline, in-process against 512 KiB (8 rounds), 256 KiB
+// measured 1.09x-1.10x on bfloat16 32x256x28x28, 1.02x on 8x256x56x56, 0.99x on
+// 64x256x1024 and 1.01x on float32 32x256x28x28 and 16x256x1024; 128 KiB 1.13x on the
+// first but 0.95x-0.97x on float32 32x256x28x28 and bfloat16 64x256x1024; 768 KiB and
+// 1 MiB 0.86x-0.96x.
+constexpr int64_t kFuseBlockBytes = 512 << 10, kFuseForwardBytes = 256 << 10;
 struct ChannelBlocks {
   const NcsRuns& runs;
   int64_t per_block, count;
-  ChannelBlocks(const NcsRuns& r, int64_t channel_bytes) : runs(r), per_block(0), count(0) {
+  ChannelBlocks(const NcsRuns& r, int64_t channel_bytes, int64_t block_bytes = kFuseBlockBytes)
+      : runs(r), per_block(0), count(0) {
     if (channel_bytes == 0 || channel_bytes > kFuseBlockBytes) return;
-    const int64_t per = kFuseBlockBytes / channel_bytes, blocks = (r.C + per - 1) / per;
+    const int64_t per = std::max<int64_t>(1, block_bytes / channel_bytes), blocks = (r.C + per - 1) / per;
     if (blocks < 8 * at::get_num_threads() || r.C * channel_bytes < stream_threshold_bytes()) return;
     per_block = per;
     count = blocks;
@@ -535,7 +542,7 @@ bool fused_ncs_forward(const BatchNormFwdParams& p, const A* scale, const A* shi
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   const NcsRuns runs(p.N, C, S, /*group_planes=*/true);
-  const ChannelBlocks blocks(runs, p.N * S * elem);
+  const ChannelBlocks blocks(runs, p.N * S * elem, kFuseForwardBytes);
   if (blocks.count == 0) return false;
   std::vector<Moments<stat_sum_t<T>>> part(runs.count());
   blocks.pipeline(
