@@ -402,10 +402,11 @@ inline void scale_shift_run(const T* __restrict x, int64_t n, const A* __restric
 // whole-tensor reduction, added per channel in the same order (so the results are bitwise
 // those of the two passes), then the elementwise pass over the block while it is still in
 // its core's L2: at most kFuseBlockBytes of each input (x; x and dy; the forward's are
-// smaller, see kFuseForwardBytes), channel_bytes per channel and input. A block's elementwise pass needs its sums, so a core that did them
-// one after the other would read (the sums) and then write (the elementwise pass) instead
-// of both at once as a copy does: each task therefore takes its blocks in order and does
-// the sums of a block while it writes the block before (ChannelBlocks::pipeline).
+// smaller, see kFuseForwardBytes), channel_bytes per channel and input. A block's
+// elementwise pass needs its sums, so a core that did them one after the other would read
+// (the sums) and then write (the elementwise pass) instead of both at once as a copy does:
+// each task therefore takes its blocks in order and does the sums of a block while it
+// writes the block before (ChannelBlocks::pipeline).
 // Blocks are not used (count 0) when one channel exceeds the block, when there are fewer
 // than 8 blocks per thread (uneven shares), or when the inputs are smaller than
 // stream_threshold_bytes() (the threads' caches keep them between two passes anyway:
@@ -441,14 +442,11 @@ struct ChannelBlocks {
   int64_t lo(int64_t b) const { return b * per_block; }
   int64_t hi(int64_t b) const { return std::min(runs.C, (b + 1) * per_block); }
 
-  // f(offset, c, len) over the runs (of at most kBlock values) of the planes of channels
-  // [c0, c1), in memory order.
+  // f(k, offset, len) over the runs (of at most kBlock values) of plane (n, c).
   template <typename F>
-  void elements(int64_t c0, int64_t c1, F&& f) const {
-    for (int64_t n = 0; n < runs.N; ++n)
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t s0 = 0; s0 < runs.S; s0 += kBlock)
-          f((n * runs.C + c) * runs.S + s0, c, std::min(kBlock, runs.S - s0));
+  void plane_runs(int64_t n, int64_t c, F&& f) const {
+    for (int64_t k = 0, s0 = 0; k < runs.per_plane; ++k, s0 += kBlock)
+      f(k, (n * runs.C + c) * runs.S + s0, std::min(kBlock, runs.S - s0));
   }
 
   // The blocks in parallel (`bytes` and `run_bytes`: the elementwise pass's, for
@@ -477,32 +475,34 @@ struct ChannelBlocks {
   void pipeline(int64_t bytes, int64_t run_bytes, Sums&& sums, Done&& done, Elementwise&& elementwise,
                 Paired&& paired) const {
     parallel_for_output(bytes, run_bytes, 0, count, 1, [&](auto stream, int64_t b0, int64_t b1) {
+      // The elementwise pass of planes [c0, c1) of sample n.
+      auto elementwise_planes = [&](int64_t n, int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c)
+          plane_runs(n, c, [&](int64_t, int64_t off, int64_t len) { elementwise(stream, off, c, len); });
+      };
       auto elementwise_block = [&](int64_t c0, int64_t c1) {
-        elements(c0, c1, [&](int64_t off, int64_t c, int64_t len) { elementwise(stream, off, c, len); });
+        for (int64_t n = 0; n < runs.N; ++n) elementwise_planes(n, c0, c1);
       };
       sums(lo(b0), hi(b0));
       done(lo(b0), hi(b0));
       for (int64_t b = b0 + 1; b < b1; ++b) {
         const int64_t p0 = lo(b - 1), p1 = hi(b - 1), c0 = lo(b), c1 = hi(b);  // c1 - c0 <= p1 - p0
-        bool was_paired = false;
         if constexpr (!std::is_same_v<std::decay_t<Paired>, std::nullptr_t>) {
           if (runs.planes == 1) {
+            const int64_t back = (p0 - c0) * runs.S;  // from a run of this block to its twin in the one before
             for (int64_t n = 0; n < runs.N; ++n) {
               for (int64_t j = 0; j < c1 - c0; ++j)
-                for (int64_t k = 0, s0 = 0; k < runs.per_plane; ++k, s0 += kBlock)
-                  paired(stream, runs.index(n, c0 + j, k), (n * runs.C + c0 + j) * runs.S + s0, c0 + j,
-                         (n * runs.C + p0 + j) * runs.S + s0, p0 + j, std::min(kBlock, runs.S - s0));
-              for (int64_t c = p0 + (c1 - c0); c < p1; ++c)
-                for (int64_t s0 = 0; s0 < runs.S; s0 += kBlock)
-                  elementwise(stream, (n * runs.C + c) * runs.S + s0, c, std::min(kBlock, runs.S - s0));
+                plane_runs(n, c0 + j, [&](int64_t k, int64_t off, int64_t len) {
+                  paired(stream, runs.index(n, c0 + j, k), off, c0 + j, off + back, p0 + j, len);
+                });
+              elementwise_planes(n, p0 + (c1 - c0), p1);
             }
-            was_paired = true;
+            done(c0, c1);
+            continue;
           }
         }
-        if (!was_paired) {
-          elementwise_block(p0, p1);
-          sums(c0, c1);
-        }
+        elementwise_block(p0, p1);
+        sums(c0, c1);
         done(c0, c1);
       }
       elementwise_block(lo(b1 - 1), hi(b1 - 1));
