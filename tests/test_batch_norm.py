@@ -359,7 +359,7 @@ def test_channel_blocks_equal_two_passes(shape, dtype, wdtype, threads):
     C = shape[1]
     w, b = (torch.randn(C, generator=g, dtype=wdtype) for _ in range(2))
     outs = []
-    threads = torch.get_num_threads()
+    saved_threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         for threshold in (1 << 62, 0):  # two passes, then blocks
@@ -369,7 +369,7 @@ def test_channel_blocks_equal_two_passes(shape, dtype, wdtype, threads):
             outs.append([*fwd, *ops.batch_norm_bwd(dy, x, w, b, fwd[1], fwd[2], True)])
     finally:
         fused_norm._C.set_stream_threshold(-1)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved_threads)
     for two_passes, blocks in zip(*outs):
         assert torch.equal(two_passes, blocks)
 
