@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_norm
-from conftest import assert_close_to_reference, assert_gradients_of_every_subset, cpu_capabilities, ulp
+from conftest import assert_accurate, assert_gradients_of_every_subset, cpu_capabilities
 
 ops = torch.ops.fused_norm
 
@@ -84,28 +84,13 @@ def _steps(module, xs, dy, to=None):
     return [y.detach(), x.grad] + grads
 
 
-def _assert_accurate(ours, theirs, ref, dtype, what):
-    """conftest's elementwise comparison, or else, where torch's CPU kernels and ours round
-    differently element by element (torch sums in float in places, ours in double), ours
-    passes if its largest error against fp64 is no worse than torch's (plus 4 ulps for
-    fp32/fp64, 1 ulp for fp16/bf16, of the largest value)."""
-    try:
-        assert_close_to_reference(ours, theirs, ref, dtype, what)
-    except AssertionError:
-        ref = ref.double()
-        err_ours = (ours.double() - ref).abs().max()
-        err_theirs = (theirs.double() - ref).abs().max()
-        slack = (4 if dtype in (torch.float32, torch.float64) else 1) * ulp(dtype) * ref.abs().max().clamp_min(1)
-        assert err_ours <= err_theirs + slack, (what, err_ours.item(), err_theirs.item())
-
-
 def _compare(ours, theirs, ref, dtype, wdtype, names=("y", "dx", "dweight", "dbias")):
     for name, o, t, r in zip(names, ours, theirs, ref):
         if r is None:
             assert o is None and t is None, name
             continue
         assert o.dtype == t.dtype and o.shape == t.shape, (name, o.dtype, t.dtype, o.shape, t.shape)
-        _assert_accurate(o, t, r, dtype if name in ("y", "dx") else wdtype, name)
+        assert_accurate(o, t, r, dtype if name in ("y", "dx") else wdtype, name)
 
 
 def _compare_buffers(ours, theirs, ref, wdtype):
@@ -276,7 +261,7 @@ def test_offset_data_like_torch(device, shape, fmt, dtype):
         y.backward(dyi)
         out.append((y.detach(), xi.grad, rm, rv))
     for name, ours, theirs, ref in zip(("y", "dx", "running_mean", "running_var"), *out):
-        _assert_accurate(ours, theirs, ref, dtype if name in ("y", "dx") else theirs.dtype, name)
+        assert_accurate(ours, theirs, ref, dtype if name in ("y", "dx") else theirs.dtype, name)
 
 
 @pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True), (False, False)],
