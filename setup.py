@@ -7,6 +7,13 @@ CUDA build and a CUDA toolkit is found, whether or not a GPU is present.
 
 Environment:
     FUSED_NORM_CUDA=1 / 0   force the CUDA kernels on (fail if impossible) / off
+    FUSED_NORM_CUDA_EMULATION=1
+                            also build the CUDA kernels for the CPU emulator (host compiler,
+                            any torch; needs the toolkit's headers, not a GPU): with
+                            FUSED_NORM_EMULATE_CUDA=1 at run time, ops on CPU tensors run
+                            them (see fused_norm.testing). Excludes real CUDA kernels.
+    FUSED_NORM_SANITIZE=1   build with AddressSanitizer and UndefinedBehaviorSanitizer
+                            (load with libasan preloaded; see tests/emulation/)
     CUDA_HOME, CUDA_PATH    toolkit root; otherwise /usr/local/cuda, then nvcc on PATH
     TORCH_CUDA_ARCH_LIST    default "8.0;9.0;10.0+PTX"
     MAX_JOBS                parallel compile jobs (ninja)
@@ -58,11 +65,19 @@ def find_cuda_home():
     return _nvcc_on_path_root()
 
 
+def env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "on", "true", "yes")
+
+
 def want_cuda():
     import torch
 
     flag = os.environ.get("FUSED_NORM_CUDA", "").strip().lower()
     if flag in ("0", "off", "false", "no"):
+        return None
+    if env_flag("FUSED_NORM_CUDA_EMULATION"):
+        if flag in ("1", "on", "true", "yes"):
+            sys.exit("FUSED_NORM_CUDA=1 and FUSED_NORM_CUDA_EMULATION=1 exclude each other")
         return None
     cuda_home = find_cuda_home() if torch.version.cuda else None
     if flag in ("1", "on", "true", "yes") and not cuda_home:
@@ -73,6 +88,10 @@ def want_cuda():
 
 
 cuda_home = want_cuda()
+emulation_home = find_cuda_home() if env_flag("FUSED_NORM_CUDA_EMULATION") else None
+if env_flag("FUSED_NORM_CUDA_EMULATION") and not emulation_home:
+    sys.exit("FUSED_NORM_CUDA_EMULATION=1 needs the CUDA toolkit's headers (cuda_fp16.h, cuda_runtime.h): "
+             "set CUDA_HOME to the toolkit's root")
 if cuda_home:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
@@ -83,7 +102,19 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 # No FMA contraction: every ISA build rounds the same way (and dx is exactly 0 where it should be).
 # -Wno-psabi: vector values (as wide as the ISA's registers) only cross inline functions inside one ISA build.
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi"]
+link_flags = ["-fopenmp"]
 sources = sorted(glob.glob("csrc/bindings/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+if emulation_home:
+    # The .cu files compiled by the host compiler against the emulator, with the half and
+    # bfloat16 headers configured as torch's nvcc builds configure them.
+    sources += sorted(glob.glob("csrc/cuda/emulator/*.cpp"))
+    cxx_flags += ["-DFN_CUDA_EMULATION", "-isystem", os.path.join(emulation_home, "include"),
+                  "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                  "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+if env_flag("FUSED_NORM_SANITIZE"):
+    sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"]
+    cxx_flags += sanitizers + ["-fno-omit-frame-pointer", "-O1"]
+    link_flags += sanitizers
 if cuda_home:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     extension = CUDAExtension(
@@ -94,13 +125,15 @@ if cuda_home:
             "cxx": cxx_flags,
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )
 else:
     extension = CppExtension(
-        "fused_norm._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+        "fused_norm._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
-print(f"fused_norm: building CPU kernels{' and CUDA kernels (CUDA_HOME=' + cuda_home + ')' if cuda_home else ''}")
+what = " and CUDA kernels (CUDA_HOME=" + cuda_home + ")" if cuda_home else ""
+what += " and emulated CUDA kernels (headers from " + emulation_home + ")" if emulation_home else ""
+print("fused_norm: building CPU kernels" + what)
 
 setup(
     name="fused_norm",

@@ -121,20 +121,6 @@ void check_channel_stats(const at::Tensor& input, int64_t C, std::initializer_li
   }
 }
 
-#ifdef FUSED_NORM_WITH_CUDA
-// Scratch device memory of `bytes` for one launch: sets *ptr (null for 0 bytes); the
-// returned tensor keeps it alive while the launch is queued.
-at::Tensor cuda_workspace(const at::Tensor& like, int64_t bytes, void** ptr) {
-  at::Tensor workspace;
-  *ptr = nullptr;
-  if (bytes > 0) {
-    workspace = at::empty({bytes}, like.options().dtype(at::kByte));
-    *ptr = workspace.mutable_data_ptr();
-  }
-  return workspace;
-}
-#endif
-
 // Returns (y, save_mean, save_invstd, new_running_mean, new_running_var). The new
 // running statistics are (C,) tensors when training with running statistics, else (0,).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
@@ -206,8 +192,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   run_on_device(
       input, [&] { batch_norm_fwd_cpu(p); },
       FN_CUDA_LAUNCH([&](cudaStream_t stream) {
-        const at::Tensor workspace = cuda_workspace(input, batch_norm_fwd_cuda_workspace_bytes(p), &p.workspace);
-        return batch_norm_fwd_cuda(p, stream);
+        at::Tensor workspace;
+        const cudaError_t err = cuda_workspace(input, batch_norm_fwd_cuda_workspace_bytes, p, &workspace);
+        return err != cudaSuccess ? err : batch_norm_fwd_cuda(p, stream);
       }));
   return {y, save_mean, save_invstd, new_mean, new_var};
 }
@@ -260,8 +247,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(const at::Tensor& 
   run_on_device(
       input, [&] { batch_norm_bwd_cpu(p); },
       FN_CUDA_LAUNCH([&](cudaStream_t stream) {
-        const at::Tensor workspace = cuda_workspace(input, batch_norm_bwd_cuda_workspace_bytes(p), &p.workspace);
-        return batch_norm_bwd_cuda(p, stream);
+        at::Tensor workspace;
+        const cudaError_t err = cuda_workspace(input, batch_norm_bwd_cuda_workspace_bytes, p, &workspace);
+        return err != cudaSuccess ? err : batch_norm_bwd_cuda(p, stream);
       }));
   return {dx, dweight, dbias};
 }
@@ -293,8 +281,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
   run_on_device(
       input, [&] { batch_norm_stats_cpu(p); },
       FN_CUDA_LAUNCH([&](cudaStream_t stream) {
-        const at::Tensor workspace = cuda_workspace(input, batch_norm_fwd_cuda_workspace_bytes(p), &p.workspace);
-        return batch_norm_stats_cuda(p, stream);
+        at::Tensor workspace;
+        const cudaError_t err = cuda_workspace(input, batch_norm_fwd_cuda_workspace_bytes, p, &workspace);
+        return err != cudaSuccess ? err : batch_norm_stats_cuda(p, stream);
       }));
   return {mean, var};
 }
@@ -333,8 +322,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce(const at::Tensor& grad_
   run_on_device(
       input, [&] { batch_norm_bwd_reduce_cpu(p); },
       FN_CUDA_LAUNCH([&](cudaStream_t stream) {
-        const at::Tensor workspace = cuda_workspace(input, batch_norm_bwd_cuda_workspace_bytes(p), &p.workspace);
-        return batch_norm_bwd_reduce_cuda(p, stream);
+        at::Tensor workspace;
+        const cudaError_t err = cuda_workspace(input, batch_norm_bwd_cuda_workspace_bytes, p, &workspace);
+        return err != cudaSuccess ? err : batch_norm_bwd_reduce_cuda(p, stream);
       }));
   return {sum_dy, sum_dy_xmu};
 }

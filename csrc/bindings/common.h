@@ -1,6 +1,7 @@
 // Shared pieces of the binding layer: dtype mapping, argument checks shared by the
 // ops, and the helper that runs a kernel on the tensor's device (CPU, or CUDA under
-// a device guard on the current stream).
+// a device guard on the current stream; or, in an emulation build with emulation on,
+// the CUDA kernels under the CPU emulator for CPU tensors).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/core/ScalarType.h>
@@ -9,7 +10,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
+#endif
+#if defined(FUSED_NORM_WITH_CUDA) || defined(FN_CUDA_EMULATION)
 #include "../cuda/launchers.h"
 #endif
 
@@ -68,9 +70,35 @@ inline const void* ptr_or_null(const c10::optional<at::Tensor>& t) {
 // huge-page mappings (output_alloc.cpp), others from torch's allocator.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format);
 
-// The CUDA half of a run_on_device call: compiled only in a CUDA build.
-#ifdef FUSED_NORM_WITH_CUDA
+#ifdef FN_CUDA_EMULATION
+// Whether CPU tensors go to the emulated CUDA kernels (emulation.cpp; initially the
+// FUSED_NORM_EMULATE_CUDA environment variable), and the emulator's report of the last
+// kernel that failed.
+bool cuda_emulation_enabled();
+void set_cuda_emulation(bool on);
+std::string cuda_emulation_report();
+#endif
+
+// The CUDA half of a run_on_device call: compiled only in a CUDA or emulation build.
+#if defined(FUSED_NORM_WITH_CUDA) || defined(FN_CUDA_EMULATION)
 #define FN_CUDA_LAUNCH(...) __VA_ARGS__
+
+// Scratch memory for one launch, of the size query(p, &bytes) asks for, on like's
+// device: sets p.workspace (null for 0 bytes) and keeps the tensor in *keep while the
+// launch is queued. Returns the query's error.
+template <typename P>
+cudaError_t cuda_workspace(const at::Tensor& like, cudaError_t (*query)(const P&, int64_t*), P& p,
+                           at::Tensor* keep) {
+  int64_t bytes = 0;
+  const cudaError_t err = query(p, &bytes);
+  if (err != cudaSuccess) return err;
+  p.workspace = nullptr;
+  if (bytes > 0) {
+    *keep = at::empty({bytes}, like.options().dtype(at::kByte));
+    p.workspace = keep->mutable_data_ptr();
+  }
+  return cudaSuccess;
+}
 #else
 #define FN_CUDA_LAUNCH(...) nullptr
 #endif
@@ -81,6 +109,15 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
 template <typename CpuFn, typename CudaFn>
 void run_on_device(const at::Tensor& t, CpuFn&& cpu, CudaFn&& cuda) {
   if (t.is_cpu()) {
+#ifdef FN_CUDA_EMULATION
+    if (cuda_emulation_enabled()) {
+      const cudaError_t err = cuda(cudaStream_t{nullptr});
+      if (err != cudaSuccess) (void)cudaGetLastError();  // cleared, as C10_CUDA_CHECK does
+      TORCH_CHECK(err == cudaSuccess, "CUDA error (emulated): ", cudaGetErrorString(err),
+                  err == cudaErrorLaunchFailure ? "\n" + cuda_emulation_report() : std::string());
+      return;
+    }
+#endif
     cpu();
     return;
   }

@@ -177,13 +177,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   run_on_device(
       input, [&] { layer_norm_bwd_cpu(p); },
       FN_CUDA_LAUNCH([&](cudaStream_t stream) {
-        const int64_t bytes = layer_norm_bwd_cuda_workspace_bytes(p);
         at::Tensor workspace;
-        if (bytes > 0) {
-          workspace = at::empty({bytes}, input.options().dtype(at::kByte));
-          p.workspace = workspace.mutable_data_ptr();
-        }
-        return layer_norm_bwd_cuda(p, stream);
+        const cudaError_t err = cuda_workspace(input, layer_norm_bwd_cuda_workspace_bytes, p, &workspace);
+        return err != cudaSuccess ? err : layer_norm_bwd_cuda(p, stream);
       }));
   return {dx, dweight, dbias};
 }

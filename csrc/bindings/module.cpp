@@ -1,6 +1,7 @@
 // The Python module fused_norm._C: importing it registers the ops (TORCH_LIBRARY
 // blocks in this directory) and exposes the CPU kernels' instruction-set selection
-// and their streaming-store threshold.
+// and their streaming-store threshold (and, in an emulation build, the CUDA emulator's
+// switches: emulation.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -51,4 +52,19 @@ PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module_def); }
+#ifdef FN_CUDA_EMULATION
+namespace fused_norm {
+int add_emulation_functions(PyObject* module);  // emulation.cpp
+}
+#endif
+
+PyMODINIT_FUNC PyInit__C() {
+  PyObject* module = PyModule_Create(&module_def);
+#ifdef FN_CUDA_EMULATION
+  if (module != nullptr && fused_norm::add_emulation_functions(module) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+#endif
+  return module;
+}

@@ -93,7 +93,12 @@ void release(void* ctx) { cache().give(static_cast<Mapping*>(ctx)); }
 class OutputAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
-    if (n >= kLargeOutput) {
+#ifdef FN_CUDA_EMULATION
+    const bool reuse = !cuda_emulation_enabled();  // emulated runs get fresh, poisoned memory
+#else
+    const bool reuse = true;
+#endif
+    if (reuse && n >= kLargeOutput) {
       if (Mapping* m = cache().take(n)) return {m->data, m, &release, c10::Device(c10::kCPU)};
     }
     return c10::GetCPUAllocator()->allocate(n);

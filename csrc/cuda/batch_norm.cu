@@ -23,11 +23,9 @@
 //   backward: sum_dy A[C], sum_dyxmu A[C] (16-byte rounded), parts Sums<A>[splits][C]
 //             (bwd_reduce: the same layout, the sums going to its outputs instead)
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <numeric>
-#include <type_traits>
 
 #include "batch_norm.cuh"
 #include "launchers.h"
@@ -35,47 +33,16 @@
 namespace fused_norm {
 namespace {
 
-using bn_cuda::kMaxVec;
+using namespace cuda_common;
 using bn_cuda::kThreads;
 
-constexpr int kMaxDevices = 64;
 constexpr int64_t kBlocksPerSm = 8;        // blocks of kThreads per SM the grids aim at
 constexpr int64_t kMinItemsPerThread = 8;  // reduce: vectors (rows) per thread per split
 constexpr int64_t kMaxGridX = INT_MAX;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int64_t next_pow2(int64_t v) {
-  int64_t r = 1;
-  while (r < v) r *= 2;
-  return r;
-}
-
 int64_t round16(int64_t bytes) { return ceil_div(bytes, 16) * 16; }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-// Multiprocessor count of the current device, cached per device.
-cudaError_t sm_count(int* out) {
-  static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int cached = cache[dev].load(std::memory_order_relaxed);
-    if (cached > 0) {
-      *out = cached;
-      return cudaSuccess;
-    }
-  }
-  int n = 0;
-  err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
-  if (n <= 0) n = 1;
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
-  *out = n;
-  return cudaSuccess;
-}
+bool aligned16(const void* ptr) { return aligned(ptr, 16); }
 
 // ---------------------------------------------------------------------------------------
 // Canonical shape. ncs: N planes-per-channel groups, (n * C + c) * S + s. !ncs: N rows of
@@ -186,22 +153,18 @@ cudaError_t launch_reduce(const ReducePlan& pl, const void* in0, const void* in1
   if (pl.splits > 1 && parts == nullptr) return cudaErrorInvalidValue;
   const T* a = static_cast<const T*>(in0);
   const T* b = static_cast<const T*>(in1);
-  if (pl.ncs)
-    bn_cuda::bn_reduce_ncs_kernel<T, VEC, Op><<<pl.grid, pl.block, 0, stream>>>(a, b, op, parts, pl.ncs_g);
-  else
-    bn_cuda::bn_reduce_nsc_kernel<T, VEC, Op><<<pl.grid, pl.block, 0, stream>>>(a, b, op, parts, pl.nsc_g);
-  cudaError_t err = cudaGetLastError();
+  const cudaError_t err =
+      pl.ncs ? launch(bn_cuda::bn_reduce_ncs_kernel<T, VEC, Op>, pl.grid, pl.block, 0, stream, a, b, op, parts, pl.ncs_g)
+             : launch(bn_cuda::bn_reduce_nsc_kernel<T, VEC, Op>, pl.grid, pl.block, 0, stream, a, b, op, parts, pl.nsc_g);
   if (err != cudaSuccess || pl.splits <= 1) return err;
-  bn_cuda::bn_finalize_kernel<Op><<<pl.fin_grid, pl.fin_block, 0, stream>>>(parts, pl.splits, C, op);
-  return cudaGetLastError();
+  return launch(bn_cuda::bn_finalize_kernel<Op>, pl.fin_grid, pl.fin_block, 0, stream, parts, pl.splits, C, op);
 }
 
 // Every channel finished with an empty part (no values): the n == 0 case.
 template <typename Op>
 cudaError_t launch_finish_empty(const Op& op, int64_t C, cudaStream_t stream) {
   const dim3 block = finalize_block(C, 0);
-  bn_cuda::bn_finalize_kernel<Op><<<finalize_grid(C, block), block, 0, stream>>>(nullptr, 0, C, op);
-  return cudaGetLastError();
+  return launch(bn_cuda::bn_finalize_kernel<Op>, finalize_grid(C, block), block, 0, stream, nullptr, 0, C, op);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -220,9 +183,8 @@ cudaError_t launch_ew(const Shape& sh, const void* in0, const void* in1, void* o
     const int64_t grid = std::min(one_pass, target);
     const int64_t step = grid * kThreads * VEC;  // elements between a thread's vectors
     const bn_cuda::NcsEwGeom g{total, nvec, sh.C, sh.S, step % sh.S, (step / sh.S) % sh.C};
-    bn_cuda::bn_ew_ncs_kernel<T, VEC, Op><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-        a, b, o, op, g);
-    return cudaGetLastError();
+    return launch(bn_cuda::bn_ew_ncs_kernel<T, VEC, Op>, static_cast<unsigned>(grid), kThreads, 0, stream, a, b, o,
+                  op, g);
   }
   // NSC (and any empty input, for the prologue): a grid that covers all vectors in one
   // sweep, or whose stride in elements is a multiple of C.
@@ -232,9 +194,8 @@ cudaError_t launch_ew(const Shape& sh, const void* in0, const void* in1, void* o
     grid = std::min(one_pass, base * std::max<int64_t>(1, target / base));
   }
   if (grid > kMaxGridX) return cudaErrorInvalidConfiguration;
-  bn_cuda::bn_ew_nsc_kernel<T, VEC, Op><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-      a, b, o, op, bn_cuda::NscEwGeom{total, nvec, sh.C});
-  return cudaGetLastError();
+  return launch(bn_cuda::bn_ew_nsc_kernel<T, VEC, Op>, static_cast<unsigned>(grid), kThreads, 0, stream, a, b, o, op,
+                bn_cuda::NscEwGeom{total, nvec, sh.C});
 }
 
 // 16-byte vectors when every pointer is 16-byte aligned (and, for NCS, S >= VEC so a
@@ -247,36 +208,6 @@ cudaError_t run_ew(const Shape& sh, const void* in0, const void* in1, void* out,
                    aligned16(out) && (!sh.ncs || sh.S >= V);
   return vec ? launch_ew<T, V>(sh, in0, in1, out, op, sms, stream)
              : launch_ew<T, 1>(sh, in0, in1, out, op, sms, stream);
-}
-
-template <int N>
-using IntC = std::integral_constant<int, N>;
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// Calls f(Tag<T>, Tag<W>) for the supported (x, parameter) dtype pairs.
-template <typename F>
-cudaError_t dispatch_dtypes(DType x_dtype, DType w_dtype, F&& f) {
-  switch (x_dtype) {
-    case DType::kFloat32:
-      if (w_dtype == DType::kFloat32) return f(Tag<float>{}, Tag<float>{});
-      break;
-    case DType::kFloat64:
-      if (w_dtype == DType::kFloat64) return f(Tag<double>{}, Tag<double>{});
-      break;
-    case DType::kFloat16:
-      if (w_dtype == DType::kFloat16) return f(Tag<__half>{}, Tag<__half>{});
-      if (w_dtype == DType::kFloat32) return f(Tag<__half>{}, Tag<float>{});
-      break;
-    case DType::kBFloat16:
-      if (w_dtype == DType::kBFloat16) return f(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
-      if (w_dtype == DType::kFloat32) return f(Tag<__nv_bfloat16>{}, Tag<float>{});
-      break;
-  }
-  return cudaErrorInvalidValue;
 }
 
 // Start of the workspace, 16-byte aligned.
@@ -336,7 +267,6 @@ template <typename T, typename W>
 cudaError_t run_fwd(const BatchNormFwdParams& p, int sms, cudaStream_t stream) {
   using A = acc_t<T>;
   const Shape sh = canonical(p.N, p.C, p.S, p.layout);
-  const int64_t n = sh.per_channel();
   if (p.save_mean == nullptr || p.save_invstd == nullptr) return cudaErrorInvalidValue;
 
   if (!p.training) {
@@ -512,15 +442,14 @@ cudaError_t dispatch_x(DType x_dtype, F&& f) {
 
 }  // namespace
 
-int64_t batch_norm_fwd_cuda_workspace_bytes(const BatchNormFwdParams& p) {
-  int sms = 0;
-  if (!sizes_ok(p.N, p.C, p.S) || sm_count(&sms) != cudaSuccess) return 0;
-  int64_t bytes = 0;
-  dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
-    bytes = fwd_ws_bytes<typename decltype(t)::type, typename decltype(w)::type>(p, sms);
-    return cudaSuccess;
+cudaError_t batch_norm_fwd_cuda_workspace_bytes(const BatchNormFwdParams& p, int64_t* bytes) {
+  *bytes = 0;
+  return checked(p, [&](int sms) {
+    return dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
+      *bytes = fwd_ws_bytes<typename decltype(t)::type, typename decltype(w)::type>(p, sms);
+      return cudaSuccess;
+    });
   });
-  return bytes;
 }
 
 cudaError_t batch_norm_fwd_cuda(const BatchNormFwdParams& p, cudaStream_t stream) {
@@ -531,15 +460,14 @@ cudaError_t batch_norm_fwd_cuda(const BatchNormFwdParams& p, cudaStream_t stream
   });
 }
 
-int64_t batch_norm_bwd_cuda_workspace_bytes(const BatchNormBwdParams& p) {
-  int sms = 0;
-  if (!sizes_ok(p.N, p.C, p.S) || sm_count(&sms) != cudaSuccess) return 0;
-  int64_t bytes = 0;
-  dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
-    bytes = bwd_ws_bytes<typename decltype(t)::type, typename decltype(w)::type>(p, sms);
-    return cudaSuccess;
+cudaError_t batch_norm_bwd_cuda_workspace_bytes(const BatchNormBwdParams& p, int64_t* bytes) {
+  *bytes = 0;
+  return checked(p, [&](int sms) {
+    return dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
+      *bytes = bwd_ws_bytes<typename decltype(t)::type, typename decltype(w)::type>(p, sms);
+      return cudaSuccess;
+    });
   });
-  return bytes;
 }
 
 cudaError_t batch_norm_bwd_cuda(const BatchNormBwdParams& p, cudaStream_t stream) {

@@ -45,74 +45,18 @@
 //    is a multiple of C (or that covers everything in one sweep), so each thread sees
 //    the same VEC channels for all its vectors and computes their coefficients once.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
-#include "../norm_math.h"
-#include "../params.h"
-
-#define BN_DEV __device__ __forceinline__
+#include "common.cuh"
 
 namespace fused_norm {
 namespace bn_cuda {
 
+using namespace cuda_common;
+
 constexpr int kThreads = 256;             // threads per block, every kernel
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;                // vectors in flight per thread
-
-// Elements in a 16-byte vector.
-template <typename T>
-constexpr int kMaxVec = static_cast<int>(16 / sizeof(T));
-
-// ---------------------------------------------------------------------------------------
-// Conversions between storage and accumulation types.
-BN_DEV float to_acc(float v) { return v; }
-BN_DEV double to_acc(double v) { return v; }
-BN_DEV float to_acc(__half v) { return __half2float(v); }
-BN_DEV float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> struct Narrow;
-template <> struct Narrow<float> {
-  static BN_DEV float from(float v) { return v; }
-};
-template <> struct Narrow<double> {
-  static BN_DEV double from(double v) { return v; }
-};
-template <> struct Narrow<__half> {
-  static BN_DEV __half from(float v) { return __float2half_rn(v); }
-};
-template <> struct Narrow<__nv_bfloat16> {
-  static BN_DEV __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
-template <typename T, typename A>
-BN_DEV T from_acc(A v) { return Narrow<T>::from(v); }
-
-// ---------------------------------------------------------------------------------------
-// N consecutive elements at p, which is aligned to N * sizeof(U) (<= 16) bytes.
-template <typename U, int N>
-struct alignas(sizeof(U) * N) Pack {
-  U v[N];
-};
-
-template <int N, typename U>
-BN_DEV void load_vec(const U* p, U (&out)[N]) {
-  static_assert(N * sizeof(U) <= 16, "vector wider than 16 bytes");
-  const Pack<U, N> pk = *reinterpret_cast<const Pack<U, N>*>(p);
-#pragma unroll
-  for (int j = 0; j < N; ++j) out[j] = pk.v[j];
-}
-
-template <int N, typename U>
-BN_DEV void store_vec(U* p, const U (&in)[N]) {
-  static_assert(N * sizeof(U) <= 16, "vector wider than 16 bytes");
-  Pack<U, N> pk;
-#pragma unroll
-  for (int j = 0; j < N; ++j) pk.v[j] = in[j];
-  *reinterpret_cast<Pack<U, N>*>(p) = pk;
-}
 
 // ---------------------------------------------------------------------------------------
 // Parts: what a thread, warp, block or split contributes for one channel.
@@ -126,15 +70,15 @@ struct Sums {
 
 template <typename P> struct PartTraits;
 template <typename A> struct PartTraits<Moments<A>> {
-  static BN_DEV Moments<A> empty() { return Moments<A>{A(0), A(0), A(0)}; }
+  static FN_DEV Moments<A> empty() { return Moments<A>{A(0), A(0), A(0)}; }
   // Chan's merge, skipping empty sides (an empty left side would otherwise give
   // inf * 0 = NaN in M2 for |mean| beyond sqrt(max)).
-  static BN_DEV Moments<A> merge(const Moments<A>& a, const Moments<A>& b) {
+  static FN_DEV Moments<A> merge(const Moments<A>& a, const Moments<A>& b) {
     if (b.count == A(0)) return a;
     if (a.count == A(0)) return b;
     return moments_merge(a, b);
   }
-  static BN_DEV Moments<A> shfl_down(const Moments<A>& m, int off) {
+  static FN_DEV Moments<A> shfl_down(const Moments<A>& m, int off) {
     Moments<A> o;
     o.count = __shfl_down_sync(0xffffffffu, m.count, off);
     o.mean = __shfl_down_sync(0xffffffffu, m.mean, off);
@@ -143,11 +87,11 @@ template <typename A> struct PartTraits<Moments<A>> {
   }
 };
 template <typename A> struct PartTraits<Sums<A>> {
-  static BN_DEV Sums<A> empty() { return Sums<A>{A(0), A(0)}; }
-  static BN_DEV Sums<A> merge(const Sums<A>& a, const Sums<A>& b) {
+  static FN_DEV Sums<A> empty() { return Sums<A>{A(0), A(0)}; }
+  static FN_DEV Sums<A> merge(const Sums<A>& a, const Sums<A>& b) {
     return Sums<A>{a.dy + b.dy, a.dyxmu + b.dyxmu};
   }
-  static BN_DEV Sums<A> shfl_down(const Sums<A>& s, int off) {
+  static FN_DEV Sums<A> shfl_down(const Sums<A>& s, int off) {
     Sums<A> o;
     o.dy = __shfl_down_sync(0xffffffffu, s.dy, off);
     o.dyxmu = __shfl_down_sync(0xffffffffu, s.dyxmu, off);
@@ -189,13 +133,13 @@ struct StatsOp {
   A count;  // n = N * S, the exact per-channel count (rounded once to A)
   double eps;
 
-  BN_DEV void init(Acc& a) const {
+  FN_DEV void init(Acc& a) const {
     a.count = A(0);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) a.mean[j] = a.m2[j] = A(0);
   }
-  BN_DEV A ctx(int64_t) const { return A(0); }
-  BN_DEV void push(Acc& a, const T (&x)[VEC], const T (&)[VEC], const A (&)[VEC]) const {
+  FN_DEV A ctx(int64_t) const { return A(0); }
+  FN_DEV void push(Acc& a, const T (&x)[VEC], const T (&)[VEC], const A (&)[VEC]) const {
     a.count += A(1);
     const A inv = A(1) / a.count;
 #pragma unroll
@@ -206,8 +150,8 @@ struct StatsOp {
       a.m2[j] += d * (v - a.mean[j]);
     }
   }
-  BN_DEV Part slot(const Acc& a, int j) const { return Part{a.count, a.mean[j], a.m2[j]}; }
-  BN_DEV void finish(int64_t c, Part m) const {
+  FN_DEV Part slot(const Acc& a, int j) const { return Part{a.count, a.mean[j], a.m2[j]}; }
+  FN_DEV void finish(int64_t c, Part m) const {
     m.count = count;  // the merged float counts are exact only up to 2^24 (fp32)
     save_mean[c] = m.mean;
     if (save_invstd != nullptr) save_invstd[c] = moments_rstd(m, eps);
@@ -243,12 +187,12 @@ struct BwdSumOp {
   W* dweight;    // null: not computed
   W* dbias;
 
-  BN_DEV void init(Acc& a) const {
+  FN_DEV void init(Acc& a) const {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) a.dy[j] = a.dyxmu[j] = A(0);
   }
-  BN_DEV A ctx(int64_t c) const { return mean[c]; }
-  BN_DEV void push(Acc& a, const T (&dy)[VEC], const T (&x)[VEC], const A (&mu)[VEC]) const {
+  FN_DEV A ctx(int64_t c) const { return mean[c]; }
+  FN_DEV void push(Acc& a, const T (&dy)[VEC], const T (&x)[VEC], const A (&mu)[VEC]) const {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const A d = to_acc(dy[j]);
@@ -256,8 +200,8 @@ struct BwdSumOp {
       a.dyxmu[j] += d * (to_acc(x[j]) - mu[j]);
     }
   }
-  BN_DEV Part slot(const Acc& a, int j) const { return Part{a.dy[j], a.dyxmu[j]}; }
-  BN_DEV void finish(int64_t c, Part s) const {
+  FN_DEV Part slot(const Acc& a, int j) const { return Part{a.dy[j], a.dyxmu[j]}; }
+  FN_DEV void finish(int64_t c, Part s) const {
     if (sum_dy != nullptr) {
       sum_dy[c] = s.dy;
       sum_dyxmu[c] = s.dyxmu;
@@ -285,7 +229,7 @@ __global__ void __launch_bounds__(kThreads)
   using A = typename Op::A;
   using Part = typename Op::Part;
   using PT = PartTraits<Part>;
-  __shared__ Part red[kWarps];
+  FN_SHARED(Part, red, [kWarps]);
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % 32;
   const int warp = tid / 32;
@@ -379,7 +323,7 @@ __global__ void __launch_bounds__(kThreads)
   using A = typename Op::A;
   using Part = typename Op::Part;
   using PT = PartTraits<Part>;
-  __shared__ Part red[kWarps][32][VEC];
+  FN_SHARED(Part, red, [kWarps][32][VEC]);
   const int bx = static_cast<int>(blockDim.x);
   const int by = static_cast<int>(blockDim.y);
   const int tx = static_cast<int>(threadIdx.x);
@@ -453,7 +397,7 @@ __global__ void __launch_bounds__(kThreads)
     bn_finalize_kernel(const typename Op::Part* __restrict__ ws, int splits, int64_t C, const Op op) {
   using Part = typename Op::Part;
   using PT = PartTraits<Part>;
-  __shared__ Part red[kThreads];
+  FN_SHARED(Part, red, [kThreads]);
   const int fx = static_cast<int>(blockDim.x);
   const int fy = static_cast<int>(blockDim.y);
   const int tx = static_cast<int>(threadIdx.x);
@@ -496,15 +440,15 @@ struct FwdTrainEw {
   const A* invstd;
   const W* weight;  // may be null
   const W* bias;    // may be null
-  BN_DEV Coef coef(int64_t c) const {
+  FN_DEV Coef coef(int64_t c) const {
     const A w = weight != nullptr ? to_acc(weight[c]) : A(1);
     const A b = bias != nullptr ? to_acc(bias[c]) : A(0);
     Coef k;
     batch_norm_scale_shift(mean[c], invstd[c], w, b, k.scale, k.shift);
     return k;
   }
-  BN_DEV A apply(const Coef& k, A x, A) const { return x * k.scale + k.shift; }
-  BN_DEV void prologue(int64_t) const {}
+  FN_DEV A apply(const Coef& k, A x, A) const { return x * k.scale + k.shift; }
+  FN_DEV void prologue(int64_t) const {}
 };
 
 // Eval: the same from the running statistics; the prologue writes save_mean (the running
@@ -524,19 +468,19 @@ struct FwdEvalEw {
   A* save_mean;
   A* save_invstd;
   double eps;
-  BN_DEV A mean_of(int64_t c) const { return to_acc(running_mean[c]); }
-  BN_DEV A invstd_of(int64_t c) const {
+  FN_DEV A mean_of(int64_t c) const { return to_acc(running_mean[c]); }
+  FN_DEV A invstd_of(int64_t c) const {
     return fn_rsqrt(to_acc(running_var[c]) + static_cast<A>(eps));
   }
-  BN_DEV Coef coef(int64_t c) const {
+  FN_DEV Coef coef(int64_t c) const {
     const A w = weight != nullptr ? to_acc(weight[c]) : A(1);
     const A b = bias != nullptr ? to_acc(bias[c]) : A(0);
     Coef k;
     batch_norm_scale_shift(mean_of(c), invstd_of(c), w, b, k.scale, k.shift);
     return k;
   }
-  BN_DEV A apply(const Coef& k, A x, A) const { return x * k.scale + k.shift; }
-  BN_DEV void prologue(int64_t c) const {
+  FN_DEV A apply(const Coef& k, A x, A) const { return x * k.scale + k.shift; }
+  FN_DEV void prologue(int64_t c) const {
     save_mean[c] = mean_of(c);
     save_invstd[c] = invstd_of(c);
   }
@@ -559,7 +503,7 @@ struct BwdTrainEw {
   const A* sum_dyxmu;
   A n;  // N * S
   const int64_t* count;  // may be null
-  BN_DEV Coef coef(int64_t c) const {
+  FN_DEV Coef coef(int64_t c) const {
     const A is = invstd[c];
     const A w = weight != nullptr ? to_acc(weight[c]) : A(1);
     const A nc = count != nullptr ? static_cast<A>(*count) : n;
@@ -570,10 +514,10 @@ struct BwdTrainEw {
     k.mean_dy = sum_dy[c] / nc;
     return k;
   }
-  BN_DEV A apply(const Coef& k, A dy, A x) const {
+  FN_DEV A apply(const Coef& k, A dy, A x) const {
     return batch_norm_dx(dy, x, k.mean, k.a, k.k, k.mean_dy);
   }
-  BN_DEV void prologue(int64_t) const {}
+  FN_DEV void prologue(int64_t) const {}
 };
 
 // Eval dx = dy * invstd * weight (dy: in0).
@@ -587,12 +531,12 @@ struct BwdEvalEw {
   };
   const A* invstd;
   const W* weight;  // may be null
-  BN_DEV Coef coef(int64_t c) const {
+  FN_DEV Coef coef(int64_t c) const {
     const A w = weight != nullptr ? to_acc(weight[c]) : A(1);
     return Coef{invstd[c] * w};
   }
-  BN_DEV A apply(const Coef& k, A dy, A) const { return dy * k.a; }
-  BN_DEV void prologue(int64_t) const {}
+  FN_DEV A apply(const Coef& k, A dy, A) const { return dy * k.a; }
+  FN_DEV void prologue(int64_t) const {}
 };
 
 // ---------------------------------------------------------------------------------------

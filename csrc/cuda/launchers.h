@@ -1,5 +1,8 @@
 // Entry points of the CUDA kernels, called by the binding layer. Torch-free: plain
-// parameter blocks and a stream. Each returns the launch's cudaError_t.
+// parameter blocks and a stream. Each returns the launch's cudaError_t; the workspace
+// queries return theirs too (a failed SM-count query, an unsupported dtype pair or
+// sizes), so the caller can report the cause. With FN_CUDA_EMULATION the same entry points run the kernels
+// on the CPU (emulator/emulator.h).
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -9,7 +12,7 @@ namespace fused_norm {
 
 cudaError_t layer_norm_fwd_cuda(const LayerNormFwdParams& p, cudaStream_t stream);
 // Bytes of scratch layer_norm_bwd_cuda needs in p.workspace (device memory).
-int64_t layer_norm_bwd_cuda_workspace_bytes(const LayerNormBwdParams& p);
+cudaError_t layer_norm_bwd_cuda_workspace_bytes(const LayerNormBwdParams& p, int64_t* bytes);
 cudaError_t layer_norm_bwd_cuda(const LayerNormBwdParams& p, cudaStream_t stream);
 
 // BatchNorm (see BatchNormFwdParams / BatchNormBwdParams in params.h for the exact
@@ -21,10 +24,10 @@ cudaError_t layer_norm_bwd_cuda(const LayerNormBwdParams& p, cudaStream_t stream
 //
 // Forward: statistics (training), running-stat update, then y. In eval only y and
 // save_mean/save_invstd. num_batches_tracked is a device pointer read on the device.
-int64_t batch_norm_fwd_cuda_workspace_bytes(const BatchNormFwdParams& p);
+cudaError_t batch_norm_fwd_cuda_workspace_bytes(const BatchNormFwdParams& p, int64_t* bytes);
 cudaError_t batch_norm_fwd_cuda(const BatchNormFwdParams& p, cudaStream_t stream);
 // Backward: per-channel sums (when needed), dweight/dbias, then dx.
-int64_t batch_norm_bwd_cuda_workspace_bytes(const BatchNormBwdParams& p);
+cudaError_t batch_norm_bwd_cuda_workspace_bytes(const BatchNormBwdParams& p, int64_t* bytes);
 cudaError_t batch_norm_bwd_cuda(const BatchNormBwdParams& p, cudaStream_t stream);
 
 // The phases of a synchronized BatchNorm (params.h), which read no parameter except

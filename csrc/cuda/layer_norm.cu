@@ -17,7 +17,6 @@
 // function of rows, cols, the vector width and the SM count only, so the partial
 // dweight/dbias rows (one per block) are added in the same order on every run.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -29,45 +28,12 @@
 namespace fused_norm {
 namespace {
 
+using namespace cuda_common;
 using ln_cuda::kBlockTierMaxThreads;
-using ln_cuda::kMaxVec;
 using ln_cuda::kReduceCols;
 using ln_cuda::kReduceSlices;
 using ln_cuda::kStreamThreads;
 using ln_cuda::kWarpTierThreads;
-
-constexpr int kMaxDevices = 64;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int64_t next_pow2(int64_t v) {
-  int64_t r = 1;
-  while (r < v) r *= 2;
-  return r;
-}
-
-// Multiprocessor count of the current device, cached per device.
-cudaError_t sm_count(int* out) {
-  static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev < kMaxDevices) {
-    const int cached = cache[dev].load(std::memory_order_relaxed);
-    if (cached > 0) {
-      *out = cached;
-      return cudaSuccess;
-    }
-  }
-  int n = 0;
-  err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
-  if (dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
-  *out = n;
-  return cudaSuccess;
-}
-
-bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 // 16-byte vectors of T when every row-strided pointer and its stride allow them and the
 // parameters (W) are aligned for their min(16, VEC * sizeof(W))-byte packs; else scalar.
@@ -123,9 +89,6 @@ Plan make_plan(int64_t rows, int64_t cols, int vec, int nv_max, bool backward, i
   return pl;
 }
 
-template <int N>
-using IntC = std::integral_constant<int, N>;
-
 // Largest NV of a resident tier: per thread at most 32 (forward) / 16 (backward, which
 // also keeps two accumulators per column) float values, or 8 double values, and at most
 // 8 / 4 vectors; beyond that the kernels spill.
@@ -136,62 +99,35 @@ constexpr int nv_max() {
   return values / VEC < 1 ? 1 : values / VEC > cap ? cap : values / VEC;
 }
 
-// Calls launch(IntC<NV>, IntC<GROUP>) for a resident plan (GROUP 0: block per row).
-template <int NV_MAX, typename Launch>
-cudaError_t dispatch_resident(const Plan& pl, Launch&& launch) {
+// Calls go(IntC<NV>, IntC<GROUP>) for a resident plan (GROUP 0: block per row).
+template <int NV_MAX, typename Go>
+cudaError_t dispatch_resident(const Plan& pl, Go&& go) {
   if (pl.tier == Tier::kWarp && pl.group < 32) {
     switch (pl.group) {
-      case 1: return launch(IntC<1>{}, IntC<1>{});
-      case 2: return launch(IntC<1>{}, IntC<2>{});
-      case 4: return launch(IntC<1>{}, IntC<4>{});
-      case 8: return launch(IntC<1>{}, IntC<8>{});
-      case 16: return launch(IntC<1>{}, IntC<16>{});
+      case 1: return go(IntC<1>{}, IntC<1>{});
+      case 2: return go(IntC<1>{}, IntC<2>{});
+      case 4: return go(IntC<1>{}, IntC<4>{});
+      case 8: return go(IntC<1>{}, IntC<8>{});
+      case 16: return go(IntC<1>{}, IntC<16>{});
       default: return cudaErrorInvalidValue;
     }
   }
   auto with_nv = [&](auto group) {
     switch (pl.nv) {
-      case 1: return launch(IntC<1>{}, group);
+      case 1: return go(IntC<1>{}, group);
       case 2:
-        if constexpr (NV_MAX >= 2) return launch(IntC<2>{}, group);
+        if constexpr (NV_MAX >= 2) return go(IntC<2>{}, group);
         break;
       case 4:
-        if constexpr (NV_MAX >= 4) return launch(IntC<4>{}, group);
+        if constexpr (NV_MAX >= 4) return go(IntC<4>{}, group);
         break;
       case 8:
-        if constexpr (NV_MAX >= 8) return launch(IntC<8>{}, group);
+        if constexpr (NV_MAX >= 8) return go(IntC<8>{}, group);
         break;
     }
     return cudaErrorInvalidValue;
   };
   return pl.tier == Tier::kWarp ? with_nv(IntC<32>{}) : with_nv(IntC<0>{});
-}
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-// Calls f(Tag<T>, Tag<W>) for the supported (x, parameter) dtype pairs.
-template <typename F>
-cudaError_t dispatch_dtypes(DType x_dtype, DType w_dtype, F&& f) {
-  switch (x_dtype) {
-    case DType::kFloat32:
-      if (w_dtype == DType::kFloat32) return f(Tag<float>{}, Tag<float>{});
-      break;
-    case DType::kFloat64:
-      if (w_dtype == DType::kFloat64) return f(Tag<double>{}, Tag<double>{});
-      break;
-    case DType::kFloat16:
-      if (w_dtype == DType::kFloat16) return f(Tag<__half>{}, Tag<__half>{});
-      if (w_dtype == DType::kFloat32) return f(Tag<__half>{}, Tag<float>{});
-      break;
-    case DType::kBFloat16:
-      if (w_dtype == DType::kBFloat16) return f(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
-      if (w_dtype == DType::kFloat32) return f(Tag<__nv_bfloat16>{}, Tag<float>{});
-      break;
-  }
-  return cudaErrorInvalidValue;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -200,13 +136,11 @@ cudaError_t dispatch_dtypes(DType x_dtype, DType w_dtype, F&& f) {
 template <typename T, typename W, int VEC>
 cudaError_t launch_fwd(const LayerNormFwdParams& p, const Plan& pl, cudaStream_t stream) {
   if (pl.tier == Tier::kStream) {
-    ln_cuda::ln_fwd_stream_kernel<T, W, VEC><<<pl.grid, pl.threads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return launch(ln_cuda::ln_fwd_stream_kernel<T, W, VEC>, pl.grid, pl.threads, 0, stream, p);
   }
   return dispatch_resident<nv_max<T, VEC, false>()>(pl, [&](auto nv, auto group) {
-    ln_cuda::ln_fwd_resident_kernel<T, W, VEC, decltype(nv)::value, decltype(group)::value>
-        <<<pl.grid, pl.threads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return launch(ln_cuda::ln_fwd_resident_kernel<T, W, VEC, decltype(nv)::value, decltype(group)::value>, pl.grid,
+                  pl.threads, 0, stream, p);
   });
 }
 
@@ -249,17 +183,15 @@ cudaError_t launch_bwd(const LayerNormBwdParams& p, const BwdSetup& s, acc_t<T>*
   using A = acc_t<T>;
   const Plan& pl = s.plan;
   if (pl.tier == Tier::kStream) {
-    ln_cuda::ln_bwd_stream_kernel<T, W, VEC><<<pl.grid, pl.threads, 0, stream>>>(p, ws, s.ws_ld);
-    return cudaGetLastError();
+    return launch(ln_cuda::ln_bwd_stream_kernel<T, W, VEC>, pl.grid, pl.threads, 0, stream, p, ws, s.ws_ld);
   }
   return dispatch_resident<nv_max<T, VEC, true>()>(pl, [&](auto nv, auto group) {
     constexpr int kGroup = decltype(group)::value;
     // Warp tier: the groups' partial sums meet in shared memory (at most
     // kWarpTierThreads * NV * VEC <= 128 * 16 values, 8 KiB).
     const size_t smem = kGroup > 0 && ws ? sizeof(A) * (kWarpTierThreads / kGroup) * p.cols : 0;
-    ln_cuda::ln_bwd_resident_kernel<T, W, VEC, decltype(nv)::value, kGroup>
-        <<<pl.grid, pl.threads, smem, stream>>>(p, ws, s.ws_ld);
-    return cudaGetLastError();
+    return launch(ln_cuda::ln_bwd_resident_kernel<T, W, VEC, decltype(nv)::value, kGroup>, pl.grid, pl.threads,
+                  smem, stream, p, ws, s.ws_ld);
   });
 }
 
@@ -276,9 +208,8 @@ cudaError_t run_bwd(const LayerNormBwdParams& p, int sms, cudaStream_t stream) {
   if (err != cudaSuccess || ws == nullptr) return err;
   const dim3 block(kReduceCols, kReduceSlices);
   const auto blocks = static_cast<unsigned int>(ceil_div(p.cols, kReduceCols));
-  ln_cuda::ln_bwd_param_reduce_kernel<A, W><<<blocks, block, 0, stream>>>(
-      ws, s.plan.grid, p.cols, s.ws_ld, static_cast<W*>(p.dweight), static_cast<W*>(p.dbias));
-  return cudaGetLastError();
+  return launch(ln_cuda::ln_bwd_param_reduce_kernel<A, W>, blocks, block, 0, stream, ws, s.plan.grid, p.cols,
+                s.ws_ld, static_cast<W*>(p.dweight), static_cast<W*>(p.dbias));
 }
 
 size_t dtype_size(DType t) {
@@ -302,15 +233,18 @@ cudaError_t layer_norm_fwd_cuda(const LayerNormFwdParams& p, cudaStream_t stream
   });
 }
 
-int64_t layer_norm_bwd_cuda_workspace_bytes(const LayerNormBwdParams& p) {
+cudaError_t layer_norm_bwd_cuda_workspace_bytes(const LayerNormBwdParams& p, int64_t* bytes) {
+  if (p.rows <= 0 || p.cols <= 0) {
+    *bytes = 0;
+    return cudaSuccess;
+  }
   int sms = 0;
-  if (p.rows <= 0 || p.cols <= 0 || sm_count(&sms) != cudaSuccess) return 0;
-  int64_t bytes = 0;
-  dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
-    bytes = bwd_setup<typename decltype(t)::type, typename decltype(w)::type>(p, sms).ws_bytes;
+  const cudaError_t err = sm_count(&sms);
+  if (err != cudaSuccess) return err;
+  return dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
+    *bytes = bwd_setup<typename decltype(t)::type, typename decltype(w)::type>(p, sms).ws_bytes;
     return cudaSuccess;
   });
-  return bytes;
 }
 
 cudaError_t layer_norm_bwd_cuda(const LayerNormBwdParams& p, cudaStream_t stream) {

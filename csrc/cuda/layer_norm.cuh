@@ -18,19 +18,14 @@
 // block accumulates its rows into fp32 (fp64) partial rows in the workspace, and
 // ln_bwd_param_reduce_kernel adds the partial rows in a fixed order.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
-#include "../norm_math.h"
-#include "../params.h"
-
-#define FN_DEV __device__ __forceinline__
+#include "common.cuh"
 
 namespace fused_norm {
 namespace ln_cuda {
+
+using namespace cuda_common;
 
 constexpr int kWarpTierThreads = 128;     // block size of the warp-group tier
 constexpr int kBlockTierMaxThreads = 512;  // largest block of the block-per-row tier
@@ -38,83 +33,11 @@ constexpr int kStreamThreads = 512;        // block size of the streaming tier
 constexpr int kReduceCols = 32;            // param reduction: columns per block
 constexpr int kReduceSlices = 8;           // param reduction: slices of partial rows
 
-// Elements in a 16-byte vector.
-template <typename T>
-constexpr int kMaxVec = static_cast<int>(16 / sizeof(T));
-
 // ---------------------------------------------------------------------------------------
-// Conversions between storage and accumulation types.
-FN_DEV float to_acc(float v) { return v; }
-FN_DEV double to_acc(double v) { return v; }
-FN_DEV float to_acc(__half v) { return __half2float(v); }
-FN_DEV float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> struct Narrow;
-template <> struct Narrow<float> {
-  static FN_DEV float from(float v) { return v; }
-};
-template <> struct Narrow<double> {
-  static FN_DEV double from(double v) { return v; }
-};
-template <> struct Narrow<__half> {
-  static FN_DEV __half from(float v) { return __float2half_rn(v); }
-};
-template <> struct Narrow<__nv_bfloat16> {
-  static FN_DEV __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
-template <typename T, typename A>
-FN_DEV T from_acc(A v) { return Narrow<T>::from(v); }
-
-// 16-bit storage types as the low 16 bits of a word.
-template <typename T> struct Bits;
-template <> struct Bits<__half> {
-  static FN_DEV float lo(uint32_t u) { return __half2float(__ushort_as_half(static_cast<unsigned short>(u))); }
-  static FN_DEV float hi(uint32_t u) { return lo(u >> 16); }
-  static FN_DEV uint32_t of(__half v) { return __half_as_ushort(v); }
-  static FN_DEV __half make(uint32_t u) { return __ushort_as_half(static_cast<unsigned short>(u)); }
-};
-template <> struct Bits<__nv_bfloat16> {
-  static FN_DEV float lo(uint32_t u) { return __uint_as_float(u << 16); }
-  static FN_DEV float hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
-  static FN_DEV uint32_t of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
-  static FN_DEV __nv_bfloat16 make(uint32_t u) { return __ushort_as_bfloat16(static_cast<unsigned short>(u)); }
-};
-
-// ---------------------------------------------------------------------------------------
-// Vector accesses. N consecutive elements at p, which is aligned to min(16, N*sizeof(U))
-// bytes; moved as 16-byte (or smaller when N*sizeof(U) < 16) packs.
-template <typename U, int N>
-struct alignas(sizeof(U) * N) Pack {
-  U v[N];
-};
-
-template <int N, typename U>
-FN_DEV void load_raw(const U* p, U (&out)[N]) {
-  constexpr int C = N < kMaxVec<U> ? N : kMaxVec<U>;
-#pragma unroll
-  for (int i = 0; i < N; i += C) {
-    const Pack<U, C> pk = *reinterpret_cast<const Pack<U, C>*>(p + i);
-#pragma unroll
-    for (int j = 0; j < C; ++j) out[i + j] = pk.v[j];
-  }
-}
-
-template <int N, typename U>
-FN_DEV void store_raw(U* p, const U (&in)[N]) {
-  constexpr int C = N < kMaxVec<U> ? N : kMaxVec<U>;
-#pragma unroll
-  for (int i = 0; i < N; i += C) {
-    Pack<U, C> pk;
-#pragma unroll
-    for (int j = 0; j < C; ++j) pk.v[j] = in[i + j];
-    *reinterpret_cast<Pack<U, C>*>(p + i) = pk;
-  }
-}
-
 // N storage values of type T held in registers, 16-bit types packed two per 32-bit
 // register (as separate values they would take a register each). get(j) widens element
 // j to the accumulation type; put(j, a) narrows into it and must be called for j = 0,
-// 1, ..., N-1 in order. load/store move the N elements at p (aligned as for load_raw);
+// 1, ..., N-1 in order. load/store move the N elements at p (aligned as for load_vec);
 // the _slot versions take the number n (any value) of those elements that lie inside
 // the row: one vector access when all do, element accesses otherwise, and elements past
 // the row read as zero.
@@ -123,8 +46,8 @@ struct Vec {
   T v[N];
   FN_DEV acc_t<T> get(int j) const { return to_acc(v[j]); }
   FN_DEV void put(int j, acc_t<T> a) { v[j] = from_acc<T>(a); }
-  FN_DEV void load(const T* p) { load_raw<N>(p, v); }
-  FN_DEV void store(T* p) const { store_raw<N>(p, v); }
+  FN_DEV void load(const T* p) { load_vec<N>(p, v); }
+  FN_DEV void store(T* p) const { store_vec<N>(p, v); }
   FN_DEV void load_slot(const T* p, int n) {
     if (n >= N) {
       load(p);
@@ -152,8 +75,8 @@ struct Vec<T, N, true> {
     const uint32_t b = Bits<T>::of(from_acc<T>(a));
     u[j / 2] = j % 2 ? u[j / 2] | (b << 16) : b;
   }
-  FN_DEV void load(const T* p) { load_raw<N / 2>(reinterpret_cast<const uint32_t*>(p), u); }
-  FN_DEV void store(T* p) const { store_raw<N / 2>(reinterpret_cast<uint32_t*>(p), u); }
+  FN_DEV void load(const T* p) { load_vec<N / 2>(reinterpret_cast<const uint32_t*>(p), u); }
+  FN_DEV void store(T* p) const { store_vec<N / 2>(reinterpret_cast<uint32_t*>(p), u); }
   FN_DEV void load_slot(const T* p, int n) {
     if (n >= N) {
       load(p);
@@ -196,7 +119,7 @@ template <typename A, int N>
 struct RowReduce<0, A, N> {
   int phase = 0;
   FN_DEV void sum(A (&v)[N]) {
-    __shared__ A buf[2][N][32];
+    FN_SHARED(A, buf, [2][N][32]);
     RowReduce<32, A, N>().sum(v);
     const int warp = threadIdx.x / 32;
     if (threadIdx.x % 32 == 0) {
@@ -222,7 +145,7 @@ template <typename A>
 struct BlockMoments {
   int phase = 0;
   FN_DEV Moments<A> merge(Moments<A> m) {
-    __shared__ Moments<A> buf[2][32];
+    FN_SHARED(Moments<A>, buf, [2][32]);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) {
       Moments<A> o;
@@ -503,7 +426,7 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
   A* ws_w = ws + static_cast<int64_t>(blockIdx.x) * ws_ld;
   A* ws_b = ws + static_cast<int64_t>(gridDim.x + blockIdx.x) * ws_ld;
   if constexpr (GROUP > 0) {
-    extern __shared__ __align__(16) unsigned char ln_smem[];
+    FN_DYNAMIC_SHARED(ln_smem);
     A* part = reinterpret_cast<A*>(ln_smem);  // [rows_per_block][cols]
 #pragma unroll
     for (int which = 0; which < 2; ++which) {
@@ -663,7 +586,7 @@ template <typename A, typename W>
 __global__ void __launch_bounds__(kReduceCols * kReduceSlices)
     ln_bwd_param_reduce_kernel(const A* __restrict__ ws, int parts, int64_t cols, int64_t ws_ld,
                                W* __restrict__ dweight, W* __restrict__ dbias) {
-  __shared__ A red[2][kReduceSlices][kReduceCols + 1];
+  FN_SHARED(A, red, [2][kReduceSlices][kReduceCols + 1]);
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kReduceCols + threadIdx.x;
   const int lo = static_cast<int>(static_cast<int64_t>(parts) * threadIdx.y / kReduceSlices);
   const int hi = static_cast<int>(static_cast<int64_t>(parts) * (threadIdx.y + 1) / kReduceSlices);

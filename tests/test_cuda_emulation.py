@@ -1,0 +1,323 @@
+"""The CUDA kernels, run on the CPU under the emulator (fused_norm.testing), against torch.
+
+Every case runs under the forward, reverse and a seeded random thread order: the outputs
+must be bitwise identical across the three (a missing barrier or a race shows as a
+difference; reverse order alone hides some), and within the usual tolerances of torch
+(computed in the same dtype and in float64). The cases reach every tier and branch of
+the launchers and kernels: LayerNorm's warp-group, block and streaming tiers in both
+directions, vector and scalar accesses (odd widths, unaligned pointers, strided rows),
+BatchNorm's two layouts with and without split reductions, its finalize kernel, the
+vector straddling two planes, scalar tails, eval and training, the synchronized-BatchNorm
+phases, and small SM counts that make the grid-stride loops repeat. Skipped unless the
+build holds the emulated kernels (FUSED_NORM_CUDA_EMULATION=1).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_accurate, assert_close_to_reference
+from fused_norm import testing
+
+pytestmark = pytest.mark.skipif(not testing.emulation_available(), reason="built without the CUDA emulator")
+
+ops = torch.ops.fused_norm
+SCHEDULES = ("forward", "reverse", "random:7")
+
+LN_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float32),
+]
+LN_DTYPE_IDS = ["fp32", "fp64", "fp16", "bf16", "fp16+fp32w", "bf16+fp32w"]
+
+
+def _bits(t):
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def run_schedules(fn, sms=2):
+    """fn() under every schedule; checks that it launched emulated kernels and that its
+    outputs (a tuple of tensors) are bitwise identical across schedules. Returns them."""
+    results = []
+    for schedule in SCHEDULES:
+        with testing.emulate_cuda(schedule=schedule, sms=sms):
+            before = testing.emulated_launches()
+            out = fn()
+            assert testing.emulated_launches() > before, "the emulated CUDA kernels did not run"
+        results.append(out)
+    for schedule, other in zip(SCHEDULES[1:], results[1:]):
+        for i, (a, b) in enumerate(zip(results[0], other, strict=True)):
+            assert a.shape == b.shape and a.stride() == b.stride()
+            assert torch.equal(_bits(a), _bits(b)), f"output {i} differs between {SCHEDULES[0]} and {schedule}"
+    return results[0]
+
+
+def _rows(rows, cols, dtype, layout, scale=1.0):
+    """(rows, cols) values whose rows are contiguous ('contiguous'), padded ('strided'),
+    or start one element past an aligned address ('offset', so no 16-byte vectors)."""
+    if layout == "contiguous":
+        base = torch.randn(rows, cols, dtype=torch.float64)
+        out = base
+    elif layout == "strided":
+        out = torch.randn(rows, cols + 8, dtype=torch.float64)[:, :cols]
+    else:
+        out = torch.randn(rows * cols + 1, dtype=torch.float64)[1:].view(rows, cols)
+    return (out * scale + 0.5).to(dtype)
+
+
+# (rows, cols): for each dtype's 16-byte vector width, the warp tier with groups of
+# 1..32 lanes and 1..8 vectors per lane, the block tier, and the streaming tier in both
+# directions; odd widths take the scalar path (its own tier limits).
+LN_SHAPES = [
+    (5, 8),
+    (37, 32),
+    (19, 64),
+    (9, 256),
+    (6, 1024),
+    (3, 2048),
+    (4, 8192),
+    (3, 20000),
+    (7, 1),
+    (6, 3),
+    (9, 33),
+    (5, 255),
+    (3, 1025),
+    (2, 5003),
+]
+
+
+def _ln_check(rows, cols, dtype, wdtype, layout="contiguous", affine=(True, True), sms=2):
+    x = _rows(rows, cols, dtype, layout)
+    dy = _rows(rows, cols, dtype, layout)
+    w = (torch.rand(cols, dtype=torch.float64) + 0.5).to(wdtype) if affine[0] else None
+    b = torch.randn(cols, dtype=torch.float64).to(wdtype) if affine[1] else None
+    eps = 1e-5
+
+    def ours():
+        y, mean, rstd = ops.layer_norm_fwd(x, [cols], w, b, eps)
+        dx, dw, db = ops.layer_norm_bwd(dy, x, [cols], mean, rstd, w, b)
+        return y, mean, rstd, dx, dw, db
+
+    y, mean, rstd, dx, dw, db = run_schedules(ours, sms=sms)
+
+    def reference(t):
+        cast = (lambda v: v.double()) if t == torch.float64 else (lambda v: v)
+        leaves = [cast(v).detach().requires_grad_() if v is not None else None for v in (x, w, b)]
+        out = F.layer_norm(leaves[0], (cols,), leaves[1], leaves[2], eps)
+        grads = torch.autograd.grad(out, [v for v in leaves if v is not None], dy.to(out.dtype))
+        return out, grads
+
+    theirs, theirs_g = reference(dtype)
+    ref, ref_g = reference(torch.float64)
+    assert_close_to_reference(y, theirs, ref, dtype, "y")
+    ours_g = [dx] + [g for g, v in ((dw, w), (db, b)) if v is not None]
+    for name, o, t, r in zip(("dx", "dweight", "dbias"), ours_g, theirs_g, ref_g):
+        assert_accurate(o, t, r, dtype, name, ulps=16)  # parameter gradients: at x's precision
+    _, t_mean, t_rstd = torch.ops.aten.native_layer_norm(x.double(), [cols], None, None, eps)
+    torch.testing.assert_close(mean.double().view(-1), t_mean.view(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double().view(-1), t_rstd.view(-1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtypes", LN_DTYPES, ids=LN_DTYPE_IDS)
+@pytest.mark.parametrize("rows,cols", LN_SHAPES)
+def test_layer_norm_tiers(rows, cols, dtypes):
+    _ln_check(rows, cols, *dtypes)
+
+
+@pytest.mark.parametrize("layout", ["strided", "offset"])
+@pytest.mark.parametrize("rows,cols", [(9, 64), (5, 1024), (3, 8192), (2, 20000)])
+def test_layer_norm_row_layouts(rows, cols, layout):
+    _ln_check(rows, cols, torch.bfloat16, torch.float32, layout=layout)
+
+
+@pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)], ids=["none", "weight", "bias"])
+@pytest.mark.parametrize("rows,cols", [(37, 64), (3, 2048), (3, 20000)])
+def test_layer_norm_without_parameters(rows, cols, affine):
+    _ln_check(rows, cols, torch.float32, torch.float32, affine=affine)
+
+
+@pytest.mark.parametrize("sms", [1, 3, 132])
+@pytest.mark.parametrize("rows,cols", [(130, 64), (40, 1024), (9, 20000)])
+def test_layer_norm_sm_counts(rows, cols, sms):
+    """Grid-stride loops that repeat (few SMs) and grids of many blocks (an H100's 132)."""
+    _ln_check(rows, cols, torch.float32, torch.float32, sms=sms)
+
+
+# ---------------------------------------------------------------------------------------
+# BatchNorm.
+
+def _bn_input(shape, dtype, layout):
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "nlc":  # (N, C, L) stored as (N, L, C)
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "offset":
+        flat = torch.randn(x.numel() + 1, dtype=torch.float64)[1:]
+        x = flat.view(shape)
+    return x.to(dtype)
+
+
+def _bn_check(shape, dtype, wdtype, layout="contiguous", training=True, momentum=0.1, affine=True, sms=2):
+    C = shape[1]
+    x = _bn_input(shape, dtype, layout)
+    dy = _bn_input(shape, dtype, layout)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(wdtype) if affine else None
+    b = torch.randn(C, dtype=torch.float64).to(wdtype) if affine else None
+    rm = torch.randn(C, dtype=torch.float64).to(wdtype)
+    rv = (torch.rand(C, dtype=torch.float64) + 0.5).to(wdtype)
+    nbt = torch.tensor(3, dtype=torch.long)
+    eps = 1e-5
+
+    def ours():
+        y, mean, invstd, new_rm, new_rv = ops.batch_norm_fwd(x, w, b, rm, rv, nbt, training, momentum, eps)
+        dx, dw, db = ops.batch_norm_bwd(dy, x, w, b, mean, invstd, training)
+        return (y, mean, invstd, new_rm, new_rv, dx) + ((dw, db) if affine else ())
+
+    out = run_schedules(ours, sms=sms)
+    y, dx = out[0], out[5]
+
+    def reference(t):
+        cast = (lambda v: v.double().clone()) if t == torch.float64 else (lambda v: v.clone())
+        leaves = [cast(v).detach().requires_grad_() if v is not None else None for v in (x, w, b)]
+        r_m, r_v = cast(rm), cast(rv)
+        f = 1.0 / nbt.item() if momentum is None else momentum  # momentum=None: 1 / num_batches_tracked
+        o = F.batch_norm(leaves[0], r_m, r_v, leaves[1], leaves[2], training, f, eps)
+        grads = torch.autograd.grad(o, [v for v in leaves if v is not None], dy.to(o.dtype))
+        return o, grads, r_m, r_v
+
+    theirs, theirs_g, t_rm, t_rv = reference(dtype)
+    ref, ref_g, r_rm, r_rv = reference(torch.float64)
+    assert_close_to_reference(y, theirs, ref, dtype, "y")
+    ours_g = [dx] + ([out[6], out[7]] if affine else [])
+    # The reductions accumulate in fp32 (fp64) in the CUDA kernels' order: sums over
+    # thousands of values are allowed 16 ulps of the largest value beyond torch's error.
+    for name, o, t, r in zip(("dx", "dweight", "dbias"), ours_g, theirs_g, ref_g):
+        assert_accurate(o, t, r, dtype, name, ulps=16)
+    if training:
+        assert_accurate(out[3], t_rm, r_rm, wdtype, "running_mean", ulps=16)
+        assert_accurate(out[4], t_rv, r_rv, wdtype, "running_var", ulps=16)
+
+
+BN_DTYPES = LN_DTYPES
+# Shapes: NCS planes with S a multiple of every vector width, odd S (scalar), S not a
+# multiple of the width (vectors straddling two planes, scalar tail); small C over many
+# values (split reductions, along planes and along a plane's vectors: finalize kernel);
+# C == 1; (N, C) rows.
+BN_SHAPES = [
+    ((4, 3, 16, 16), "contiguous"),
+    ((3, 5, 7, 7), "contiguous"),
+    ((2, 3, 9), "contiguous"),
+    ((16, 3, 1024), "contiguous"),
+    ((1, 2, 16384), "contiguous"),
+    ((6, 1, 10, 10), "contiguous"),
+    ((4, 16, 5, 5), "channels_last"),
+    ((3, 7, 3, 3), "channels_last"),
+    ((2048, 8), "contiguous"),
+    ((300, 37), "contiguous"),
+    ((4, 24, 9), "nlc"),
+    ((2, 6, 8, 8), "offset"),
+]
+
+
+@pytest.mark.parametrize("dtypes", BN_DTYPES, ids=LN_DTYPE_IDS)
+@pytest.mark.parametrize("shape,layout", BN_SHAPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_layouts(shape, layout, training, dtypes):
+    _bn_check(shape, *dtypes, layout=layout, training=training)
+
+
+@pytest.mark.parametrize("shape,layout", [((4, 3, 8, 8), "contiguous"), ((300, 24), "contiguous")])
+def test_batch_norm_cumulative_and_no_affine(shape, layout):
+    _bn_check(shape, torch.float32, torch.float32, layout=layout, momentum=None, affine=False)
+
+
+@pytest.mark.parametrize("sms", [1, 5, 132])
+@pytest.mark.parametrize("shape,layout", [((16, 3, 1024), "contiguous"), ((2048, 24), "contiguous"),
+                                          ((8, 64, 6, 6), "channels_last")])
+def test_batch_norm_sm_counts(shape, layout, sms):
+    _bn_check(shape, torch.float32, torch.float32, layout=layout, sms=sms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,layout", [((16, 3, 1024), "contiguous"), ((5, 6, 4, 4), "channels_last"),
+                                          ((3, 5, 7), "contiguous")])
+def test_sync_batch_norm_phases(shape, layout, dtype):
+    """batch_norm_stats, batch_norm_bwd_reduce and batch_norm_bwd_elemt (one process)."""
+    x = _bn_input(shape, dtype, layout)
+    dy = _bn_input(shape, dtype, layout)
+    C = shape[1]
+    w = torch.rand(C, dtype=dtype) + 0.5
+    n = x.numel() // C
+    count = torch.tensor(n, dtype=torch.long)
+    dims = [d for d in range(x.dim()) if d != 1]
+
+    def ours():
+        mean, var = ops.batch_norm_stats(x)
+        invstd = (var + 1e-5).rsqrt()
+        sum_dy, sum_dy_xmu = ops.batch_norm_bwd_reduce(dy, x, mean)
+        dx = ops.batch_norm_bwd_elemt(dy, x, w, mean, invstd, sum_dy, sum_dy_xmu, count)
+        return mean, var, sum_dy, sum_dy_xmu, dx
+
+    mean, var, sum_dy, sum_dy_xmu, dx = run_schedules(ours)
+    xd, dyd = x.double(), dy.double()
+    shape_c = [1, C] + [1] * (x.dim() - 2)
+    r_mean = xd.mean(dims)
+    r_var = xd.var(dims, unbiased=False)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype != torch.float64 else {}
+    torch.testing.assert_close(mean.double(), r_mean, **tol)
+    torch.testing.assert_close(var.double(), r_var, **tol)
+    r_sum_dy = dyd.sum(dims)
+    r_sum_dy_xmu = (dyd * (xd - mean.double().view(shape_c))).sum(dims)
+    torch.testing.assert_close(sum_dy.double(), r_sum_dy, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sum_dy_xmu.double(), r_sum_dy_xmu, rtol=1e-5, atol=1e-4)
+    inv = (var.double() + 1e-5).rsqrt().view(shape_c)
+    r_dx = (dyd - r_sum_dy.view(shape_c) / n - (xd - mean.double().view(shape_c)) * inv**2
+            * r_sum_dy_xmu.view(shape_c) / n) * inv * w.double().view(shape_c)
+    low = dtype in (torch.float16, torch.bfloat16)
+    torch.testing.assert_close(dx.double(), r_dx, rtol=1e-2 if low else 1e-5, atol=1e-2 if low else 1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Error paths of the launchers, as a CUDA build reports them.
+
+def test_device_query_failure_is_reported():
+    """A failing SM-count query surfaces as that CUDA error, from the forward and from the
+    workspace-size queries of the backward."""
+    from fused_norm import _C
+    x = torch.randn(4, 32)
+    with testing.emulate_cuda():
+        _C.set_emulated_device_failure(True)
+        try:
+            with pytest.raises(RuntimeError, match="no CUDA-capable device"):
+                ops.layer_norm_fwd(x, [32], None, None, 1e-5)
+            rows = torch.zeros(4, 1)
+            with pytest.raises(RuntimeError, match="no CUDA-capable device"):
+                ops.layer_norm_bwd(x, x, [32], rows, rows, torch.ones(32), None)
+            with pytest.raises(RuntimeError, match="no CUDA-capable device"):
+                ops.batch_norm_fwd(x, None, None, None, None, None, True, 0.1, 1e-5)
+            with pytest.raises(RuntimeError, match="no CUDA-capable device"):
+                ops.batch_norm_bwd(x, x, torch.ones(32), None, torch.zeros(32), torch.ones(32), True)
+        finally:
+            _C.set_emulated_device_failure(False)
+
+
+def test_emulation_switch_restores():
+    from fused_norm import _C
+    before = (_C.cuda_emulation(), _C.emulated_schedule(), _C.emulated_sms())
+    with testing.emulate_cuda(schedule="random:3", sms=5):
+        assert (_C.cuda_emulation(), _C.emulated_schedule(), _C.emulated_sms()) == (True, "random:3", 5)
+        n = testing.emulated_launches()
+        ops.layer_norm_fwd(torch.randn(3, 8), [8], None, None, 1e-5)
+        assert testing.emulated_launches() == n + 1
+    assert (_C.cuda_emulation(), _C.emulated_schedule(), _C.emulated_sms()) == before
+    n = testing.emulated_launches()
+    ops.layer_norm_fwd(torch.randn(3, 8), [8], None, None, 1e-5)
+    assert testing.emulated_launches() == n  # the CPU kernels ran
+    with pytest.raises(ValueError, match="unknown schedule"):
+        with testing.emulate_cuda(schedule="sideways"):
+            pass
