@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fused_norm  # noqa: F401  (registers the ops)
+from fused_norm import testing
 
 
 def _has_cuda_kernels() -> bool:
@@ -11,7 +12,16 @@ def _has_cuda_kernels() -> bool:
 
 
 CUDA_OK = torch.cuda.is_available() and _has_cuda_kernels()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels"))]
+EMULATION_OK = testing.emulation_available()
+# "emulated": CPU tensors, run through the CUDA kernels under the CPU emulator (a build
+# made with FUSED_NORM_CUDA_EMULATION=1), in a seeded random thread order with 3 SMs.
+DEVICES = [
+    "cpu",
+    pytest.param("emulated", marks=pytest.mark.skipif(not EMULATION_OK, reason="built without the CUDA emulator")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels")),
+]
+EMULATED_SCHEDULE = "random:1"
+EMULATED_SMS = 3
 
 
 def cpu_capabilities():
@@ -37,7 +47,31 @@ def _seeded():
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    return request.param
+    """The device to put tensors on; for "emulated", "cpu" with emulation on, and the test
+    must have launched emulated kernels (not only the CPU ones, nor none)."""
+    if request.param != "emulated":
+        yield request.param
+        return
+    with testing.emulate_cuda(schedule=EMULATED_SCHEDULE, sms=EMULATED_SMS):
+        before = testing.emulated_launches()
+        yield "cpu"
+        launched = testing.emulated_launches() - before
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.passed and request.node.get_closest_marker("no_kernels") is None:
+        assert launched > 0, "no emulated CUDA kernel ran"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "no_kernels: the test launches no kernel on purpose (empty inputs, "
+                                       "argument errors), so its emulated run is not required to")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps the test's own outcome on the item, for fixtures' teardown."""
+    outcome = yield
+    if call.when == "call":
+        item.report_call = outcome.get_result()
 
 
 @pytest.fixture
