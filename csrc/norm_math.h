@@ -46,25 +46,36 @@ FN_HD Moments<T> moments_empty() {
   return Moments<T>{T(0), T(0), T(0)};
 }
 
+// The mean after merging a part of mean b, whose share of the merged count is w, into one
+// of mean a, given delta = b - a: a + delta * w, or, where delta is not finite (a mean of
+// inf, or a difference that overflows), the weighted sum, which keeps an infinite mean
+// infinite (as a sum does) where a + delta * w would give inf - inf = NaN.
+template <typename T>
+FN_HD T merged_mean(T a, T b, T delta, T w) {
+  return delta - delta == T(0) ? a + delta * w : a * (T(1) - w) + b * w;
+}
+
 // Welford's update with one value.
 template <typename T>
 FN_HD void moments_push(Moments<T>& m, T x) {
   m.count += T(1);
   const T delta = x - m.mean;
-  m.mean += delta / m.count;
+  m.mean = merged_mean(m.mean, x, delta, T(1) / m.count);
   m.m2 += delta * (x - m.mean);
 }
 
-// Chan et al.'s pairwise merge; exact for empty sides.
+// Chan et al.'s pairwise merge. An empty side gives the other side as it is (merging
+// into empty moments would compute delta^2 * 0, NaN once delta^2 overflows).
 template <typename T>
 FN_HD Moments<T> moments_merge(const Moments<T>& a, const Moments<T>& b) {
+  if (b.count == T(0)) return a;
+  if (a.count == T(0)) return b;
   const T n = a.count + b.count;
-  if (n == T(0)) return a;
   const T wb = b.count / n;
   const T delta = b.mean - a.mean;
   Moments<T> r;
   r.count = n;
-  r.mean = a.mean + delta * wb;
+  r.mean = merged_mean(a.mean, b.mean, delta, wb);
   r.m2 = a.m2 + b.m2 + delta * delta * a.count * wb;
   return r;
 }

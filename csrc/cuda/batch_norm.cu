@@ -227,9 +227,11 @@ int64_t fwd_ws_bytes(const BatchNormFwdParams& p, int sms) {
 }
 
 template <typename T, typename W, int VEC>
-bn_cuda::StatsOp<T, W, VEC> make_stats_op(const BatchNormFwdParams& p, int64_t n) {
+bn_cuda::StatsOp<T, W, VEC> make_stats_op(const BatchNormFwdParams& p, const Shape& sh) {
   using A = acc_t<T>;
   bn_cuda::StatsOp<T, W, VEC> op{};
+  op.x = static_cast<const T*>(p.x);
+  op.channel_stride = sh.ncs ? sh.S : 1;
   op.save_mean = static_cast<A*>(p.save_mean);
   op.save_invstd = static_cast<A*>(p.save_invstd);
   op.save_var = static_cast<A*>(p.save_var);
@@ -242,7 +244,7 @@ bn_cuda::StatsOp<T, W, VEC> make_stats_op(const BatchNormFwdParams& p, int64_t n
   op.num_batches_tracked = p.num_batches_tracked;
   op.cumulative = p.cumulative;
   op.momentum = static_cast<A>(p.momentum);
-  op.count = static_cast<A>(n);
+  op.count = static_cast<A>(sh.per_channel());
   op.eps = p.eps;
   return op;
 }
@@ -252,12 +254,12 @@ template <typename T, typename W>
 cudaError_t reduce_stats(const BatchNormFwdParams& p, const Shape& sh, int sms, cudaStream_t stream) {
   using A = acc_t<T>;
   const int64_t n = sh.per_channel();
-  if (n == 0) return launch_finish_empty(make_stats_op<T, W, 1>(p, n), sh.C, stream);
+  if (n == 0) return launch_finish_empty(make_stats_op<T, W, 1>(p, sh), sh.C, stream);
   auto go = [&](auto vec) {
     constexpr int V = decltype(vec)::value;
     const ReducePlan pl = plan_reduce(sh, V, sms);
     Moments<A>* parts = p.workspace ? reinterpret_cast<Moments<A>*>(ws_base(p.workspace)) : nullptr;
-    return launch_reduce<T, V>(pl, p.x, nullptr, make_stats_op<T, W, V>(p, n), parts, sh.C, stream);
+    return launch_reduce<T, V>(pl, p.x, nullptr, make_stats_op<T, W, V>(p, sh), parts, sh.C, stream);
   };
   const bool vec = reduce_vec_ok<T>(sh) && aligned16(p.x);
   return vec ? go(IntC<kMaxVec<T>>{}) : go(IntC<1>{});

@@ -71,13 +71,7 @@ struct Sums {
 template <typename P> struct PartTraits;
 template <typename A> struct PartTraits<Moments<A>> {
   static FN_DEV Moments<A> empty() { return Moments<A>{A(0), A(0), A(0)}; }
-  // Chan's merge, skipping empty sides (an empty left side would otherwise give
-  // inf * 0 = NaN in M2 for |mean| beyond sqrt(max)).
-  static FN_DEV Moments<A> merge(const Moments<A>& a, const Moments<A>& b) {
-    if (b.count == A(0)) return a;
-    if (a.count == A(0)) return b;
-    return moments_merge(a, b);
-  }
+  static FN_DEV Moments<A> merge(const Moments<A>& a, const Moments<A>& b) { return moments_merge(a, b); }
   static FN_DEV Moments<A> shfl_down(const Moments<A>& m, int off) {
     Moments<A> o;
     o.count = __shfl_down_sync(0xffffffffu, m.count, off);
@@ -107,7 +101,10 @@ template <typename A> struct PartTraits<Sums<A>> {
 
 // Training statistics of x (in0). finish writes save_mean, save_invstd and save_var when
 // non-null (the forward: save_invstd; batch_norm_stats: save_var) and, when asked, the
-// updated running statistics.
+// updated running statistics. The moments are of x - shift with a per-channel shift, the
+// channel's first value (0 if not finite): for data whose mean is large against its
+// spread, float Welford updates of x itself lose digits in the deviations; shifted, the
+// mean is small. Every part of a channel has the same shift; finish adds it back.
 template <typename T, typename W, int VEC>
 struct StatsOp {
   using A = acc_t<T>;
@@ -120,6 +117,8 @@ struct StatsOp {
     A m2[VEC];
   };
 
+  const T* x;              // the input, for the shifts
+  int64_t channel_stride;  // elements between the first values of channels c and c + 1
   A* save_mean;
   A* save_invstd;  // may be null
   A* save_var;     // may be null
@@ -138,21 +137,25 @@ struct StatsOp {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) a.mean[j] = a.m2[j] = A(0);
   }
-  FN_DEV A ctx(int64_t) const { return A(0); }
-  FN_DEV void push(Acc& a, const T (&x)[VEC], const T (&)[VEC], const A (&)[VEC]) const {
+  FN_DEV A ctx(int64_t c) const {  // the shift
+    const A v = to_acc(x[c * channel_stride]);
+    return v - v == A(0) ? v : A(0);
+  }
+  FN_DEV void push(Acc& a, const T (&in)[VEC], const T (&)[VEC], const A (&shift)[VEC]) const {
     a.count += A(1);
     const A inv = A(1) / a.count;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const A v = to_acc(x[j]);
+      const A v = to_acc(in[j]) - shift[j];
       const A d = v - a.mean[j];
-      a.mean[j] += d * inv;
+      a.mean[j] = merged_mean(a.mean[j], v, d, inv);
       a.m2[j] += d * (v - a.mean[j]);
     }
   }
   FN_DEV Part slot(const Acc& a, int j) const { return Part{a.count, a.mean[j], a.m2[j]}; }
   FN_DEV void finish(int64_t c, Part m) const {
     m.count = count;  // the merged float counts are exact only up to 2^24 (fp32)
+    if (count > A(0)) m.mean += ctx(c);  // (no value to read for an empty batch)
     save_mean[c] = m.mean;
     if (save_invstd != nullptr) save_invstd[c] = moments_rstd(m, eps);
     if (save_var != nullptr) save_var[c] = moments_var(m);

@@ -14,8 +14,9 @@
 // fp64 256). Scalar (VEC 1) rows: forward 4096 (warp tier 256), backward 2048 (128).
 //
 // Grids: the forward fills the GPU (rows are independent). The backward grid is a
-// function of rows, cols, the vector width and the SM count only, so the partial
-// dweight/dbias rows (one per block) are added in the same order on every run.
+// function of rows, cols, the vector width, the SM count and whether dweight/dbias are
+// asked for only, so the partial dweight/dbias rows (one per block) are added in the
+// same order on every run.
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
@@ -156,6 +157,9 @@ cudaError_t run_fwd(const LayerNormFwdParams& p, int sms, cudaStream_t stream) {
 // Backward. Workspace: 16 bytes of alignment slack, then `grid` partial dweight rows and
 // `grid` partial dbias rows of acc_t<T>, each ws_ld = round_up(cols, 4) elements (16-byte
 // aligned rows), written by the main kernel and summed by ln_bwd_param_reduce_kernel.
+// The partial rows take at most kMaxPartialsBytes: for very wide rows the grid shrinks
+// (each block walks more rows) instead of the workspace growing as cols x SMs.
+constexpr int64_t kMaxPartialsBytes = int64_t{256} << 20;
 
 struct BwdSetup {
   bool vec;
@@ -173,7 +177,10 @@ BwdSetup bwd_setup(const LayerNormBwdParams& p, int sms) {
                  : make_plan(p.rows, p.cols, 1, nv_max<T, 1, true>(), true, sms);
   s.ws_ld = ceil_div(p.cols, 4) * 4;
   const bool partials = p.rows > 0 && (p.dweight != nullptr || p.dbias != nullptr);
-  s.ws_bytes = partials ? 16 + 2 * int64_t{s.plan.grid} * s.ws_ld * int64_t{sizeof(acc_t<T>)} : 0;
+  if (!partials) return s;
+  const int64_t part_bytes = 2 * s.ws_ld * int64_t{sizeof(acc_t<T>)};  // a block's two rows
+  s.plan.grid = static_cast<int>(std::min<int64_t>(s.plan.grid, std::max<int64_t>(1, kMaxPartialsBytes / part_bytes)));
+  s.ws_bytes = 16 + s.plan.grid * part_bytes;
   return s;
 }
 
