@@ -21,6 +21,17 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels")),
 ]
 EMULATED_SCHEDULE = "random:1"
+
+# (x dtype, parameter/buffer dtype): plain and mixed precision (the usual AMP setup).
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+]
+DTYPE_IDS = ["fp32", "fp64", "bf16", "fp16", "bf16+fp32w", "fp16+fp32w"]
 EMULATED_SMS = 3
 
 

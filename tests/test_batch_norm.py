@@ -9,20 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_norm
-from conftest import assert_accurate, assert_gradients_of_every_subset, cpu_capabilities
+from conftest import DTYPE_IDS, DTYPES, assert_accurate, assert_gradients_of_every_subset, cpu_capabilities
 
 ops = torch.ops.fused_norm
-
-# (x dtype, parameter/buffer dtype): plain and mixed precision (the usual AMP setup).
-DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-]
-DTYPE_IDS = ["fp32", "fp64", "bf16", "fp16", "bf16+fp32w", "fp16+fp32w"]
 
 CL, CL3 = torch.channels_last, torch.channels_last_3d
 # (shape, memory format): every kernel layout (planes, rows of channels, one channel),

@@ -16,24 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_accurate, assert_close_to_reference
+from conftest import DTYPE_IDS, DTYPES, assert_accurate, assert_close_to_reference
 from fused_norm import testing
 
 pytestmark = pytest.mark.skipif(not testing.emulation_available(), reason="built without the CUDA emulator")
 
 ops = torch.ops.fused_norm
 SCHEDULES = ("forward", "reverse", "random:7")
-
-LN_DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float32),
-    (torch.bfloat16, torch.float32),
-]
-LN_DTYPE_IDS = ["fp32", "fp64", "fp16", "bf16", "fp16+fp32w", "bf16+fp32w"]
-
 
 def _bits(t):
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
@@ -122,7 +111,7 @@ def _ln_check(rows, cols, dtype, wdtype, layout="contiguous", affine=(True, True
     torch.testing.assert_close(rstd.double().view(-1), t_rstd.view(-1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtypes", LN_DTYPES, ids=LN_DTYPE_IDS)
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("rows,cols", LN_SHAPES)
 def test_layer_norm_tiers(rows, cols, dtypes):
     _ln_check(rows, cols, *dtypes)
@@ -224,7 +213,6 @@ def _bn_check(shape, dtype, wdtype, layout="contiguous", training=True, momentum
         assert_accurate(out[4], t_rv, r_rv, wdtype, "running_var", ulps=64)
 
 
-BN_DTYPES = LN_DTYPES
 # Shapes: NCS planes with S a multiple of every vector width, odd S (scalar), S not a
 # multiple of the width (vectors straddling two planes, scalar tail); small C over many
 # values (split reductions, along planes and along a plane's vectors: finalize kernel);
@@ -245,7 +233,7 @@ BN_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtypes", BN_DTYPES, ids=LN_DTYPE_IDS)
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape,layout", BN_SHAPES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_batch_norm_layouts(shape, layout, training, dtypes):

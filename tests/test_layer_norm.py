@@ -8,20 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_norm
-from conftest import CUDA_OK, assert_close_to_reference, assert_gradients_of_every_subset, cpu_capabilities
+from conftest import CUDA_OK, DTYPE_IDS, DTYPES, assert_close_to_reference, assert_gradients_of_every_subset, cpu_capabilities
 
 ops = torch.ops.fused_norm
-
-# (x dtype, parameter dtype): plain and mixed precision.
-DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-]
-DTYPE_IDS = ["fp32", "fp64", "bf16", "fp16", "bf16+fp32w", "fp16+fp32w"]
 
 # (input shape, normalized_shape)
 SHAPES = [
