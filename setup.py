@@ -13,7 +13,8 @@ Environment:
                             FUSED_NORM_EMULATE_CUDA=1 at run time, ops on CPU tensors run
                             them (see fused_norm.testing). Excludes real CUDA kernels.
     FUSED_NORM_SANITIZE=1   build with AddressSanitizer and UndefinedBehaviorSanitizer
-                            (load with libasan preloaded; see tests/emulation/)
+                            (load with libasan preloaded; see tests/run_sanitized.sh)
+    FUSED_NORM_COVERAGE=1   build with gcov instrumentation (see tests/emulation/coverage.sh)
     CUDA_HOME, CUDA_PATH    toolkit root; otherwise /usr/local/cuda, then nvcc on PATH
     TORCH_CUDA_ARCH_LIST    default "8.0;9.0;10.0+PTX"
     MAX_JOBS                parallel compile jobs (ninja)
@@ -115,6 +116,9 @@ if env_flag("FUSED_NORM_SANITIZE"):
     sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"]
     cxx_flags += sanitizers + ["-fno-omit-frame-pointer", "-O1"]
     link_flags += sanitizers
+if env_flag("FUSED_NORM_COVERAGE"):
+    cxx_flags += ["--coverage", "-O0"]
+    link_flags += ["--coverage"]
 if cuda_home:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     extension = CUDAExtension(

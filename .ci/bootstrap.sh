@@ -1,10 +1,12 @@
 # Sourced by tests/run.sh, benchmarks/run.sh and .ci/run: finds or makes a Python with
-# torch, ninja, pytest and transformers, builds fused_norm in place against that torch,
-# and sets $PY.
+# torch, ninja, pytest and transformers, builds fused_norm in place against that torch
+# (not when sourced with --no-build), and sets $PY.
 #
 #   FUSED_NORM_VENV=DIR     use (create if needed) this virtual environment
 #   FUSED_NORM_TORCH=SPEC   torch requirement to install there, e.g. "torch==2.13.0"
 #   FUSED_NORM_CUDA=0|1     passed through to setup.py (force CUDA kernels off/on)
+#   FUSED_NORM_CUDA_EMULATION=1
+#                           passed through to setup.py (the CUDA kernels for the CPU emulator)
 # Without FUSED_NORM_VENV: the current python3 if it already has torch, else ./.venv.
 set -euo pipefail
 _fn_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,6 +28,7 @@ fi
 "$PY" -c "import transformers" 2>/dev/null || "$PY" -m pip install -q transformers || true
 "$PY" -c "import pytest" >/dev/null
 
+[ "${1:-}" = "--no-build" ] && return 0
 echo "fused_norm: building against $("$PY" -c 'import torch; print("torch", torch.__version__)') ($PY)" >&2
 (cd "$_fn_root" && "$PY" -m pip install -q --no-build-isolation --no-deps -e . >"$_fn_root/build.log" 2>&1) || {
   tail -50 "$_fn_root/build.log" >&2

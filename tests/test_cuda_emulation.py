@@ -330,3 +330,17 @@ def test_emulation_switch_restores():
     with pytest.raises(ValueError, match="unknown schedule"):
         with testing.emulate_cuda(schedule="sideways"):
             pass
+
+
+def test_environment_switches():
+    """FUSED_NORM_EMULATE_CUDA / _SCHEDULE / _SMS at import set emulation up."""
+    import os
+    import subprocess
+    import sys
+    code = ("import torch, fused_norm; from fused_norm import _C, testing; "
+            "assert _C.cuda_emulation() and _C.emulated_schedule() == 'reverse' and _C.emulated_sms() == 7; "
+            "torch.ops.fused_norm.layer_norm_fwd(torch.randn(3, 8), [8], None, None, 1e-5); "
+            "assert testing.emulated_launches() == 1")
+    env = dict(os.environ, FUSED_NORM_EMULATE_CUDA="1", FUSED_NORM_EMULATE_CUDA_SCHEDULE="reverse",
+               FUSED_NORM_EMULATE_CUDA_SMS="7")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)  # the same fused_norm as this process
