@@ -1,10 +1,11 @@
 """PyTorch's own test inputs, run through fused_norm: the ModuleInfos of nn.LayerNorm,
 nn.BatchNorm1d/2d/3d (also as SyncBatchNorm) from torch.testing._internal.common_modules
 and the OpInfos of nn.functional.layer_norm / batch_norm from common_methods_invocations,
-with our classes and functions in place of torch's. Every sample's forward, gradients,
-memory format and state are compared with torch's; errors must match; float64 samples
-go through gradcheck, gradgradcheck, forward AD and forward over reverse. Each test counts
-the calls of torch.ops.fused_norm.* to prove that our kernels ran."""
+with our classes and functions in place of torch's, on every device of the suite (the
+`device` fixture). Every sample's forward, gradients, memory format and state are
+compared with torch's; errors must match; float64 samples go through gradcheck,
+gradgradcheck, forward AD and forward over reverse. Each test counts the calls of
+torch.ops.fused_norm.* to prove that our kernels ran."""
 
 import copy
 import io
@@ -52,16 +53,16 @@ def _leaves(args):
     return [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
 
 
-def _make_modules(theirs_cls, ours_cls, sample, dtype):
+def _make_modules(theirs_cls, ours_cls, sample, dtype, device):
     c = sample.constructor_input
-    theirs = theirs_cls(*c.args, **c.kwargs).to(dtype)
-    ours = ours_cls(*c.args, **c.kwargs).to(dtype)
+    theirs = theirs_cls(*c.args, **c.kwargs).to(device, dtype)
+    ours = ours_cls(*c.args, **c.kwargs).to(device, dtype)
     ours.load_state_dict(theirs.state_dict())
     return theirs, ours
 
 
-def _module_samples(info, dtype, training):
-    return info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=training)
+def _module_samples(info, dtype, training, device):
+    return info.module_inputs_func(info, device=device, dtype=dtype, requires_grad=True, training=training)
 
 
 def _assert_state_equal(ours, theirs):
@@ -72,11 +73,11 @@ def _assert_state_equal(ours, theirs):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("info,theirs_cls,ours_cls", MODULE_CASES, ids=MODULE_IDS)
-def test_module_forward_backward_state(info, theirs_cls, ours_cls, training, dtype):
+def test_module_forward_backward_state(device, info, theirs_cls, ours_cls, training, dtype):
     """Forward (values and strides), input and parameter gradients, running statistics
     over two steps; channels-last inputs too."""
-    for sample in _module_samples(info, dtype, training):
-        theirs, ours = _make_modules(theirs_cls, ours_cls, sample, dtype)
+    for sample in _module_samples(info, dtype, training, device):
+        theirs, ours = _make_modules(theirs_cls, ours_cls, sample, dtype, device)
         theirs.train(training), ours.train(training)
         fwd = sample.forward_input
         formats = [None]
@@ -93,7 +94,7 @@ def test_module_forward_backward_state(info, theirs_cls, ours_cls, training, dty
                     with count_fused_calls() as count:
                         y = m(*args, **_clone(fwd.kwargs))
                     assert count.n >= (1 if counted else 0) and (counted or count.n == 0)
-                    dy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape).sin()
+                    dy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view(y.shape).sin()
                     wrt = _leaves(args) + [p for p in m.parameters() if p.requires_grad]
                     grads.append(torch.autograd.grad(y, wrt, dy, allow_unused=True) if wrt else ())
                     outs.append(y)
@@ -107,12 +108,12 @@ def test_module_forward_backward_state(info, theirs_cls, ours_cls, training, dty
 
 
 @pytest.mark.parametrize("info,theirs_cls,ours_cls", MODULE_CASES, ids=MODULE_IDS)
-def test_module_gradcheck(info, theirs_cls, ours_cls):
+def test_module_gradcheck(device, info, theirs_cls, ours_cls):
     """gradcheck, gradgradcheck, forward AD and forward over reverse on every float64
     sample, through the module's parameters and input, in training and eval."""
     for training in (True, False):
-        for sample in _module_samples(info, torch.float64, training):
-            _, ours = _make_modules(theirs_cls, ours_cls, sample, torch.float64)
+        for sample in _module_samples(info, torch.float64, training, device):
+            _, ours = _make_modules(theirs_cls, ours_cls, sample, torch.float64, device)
             ours.train(training)
             args = _clone(sample.forward_input.args)
             if not _leaves(args):
@@ -138,17 +139,17 @@ def test_module_gradcheck(info, theirs_cls, ours_cls):
 
 
 @pytest.mark.parametrize("info,theirs_cls,ours_cls", MODULE_CASES, ids=MODULE_IDS)
-def test_module_errors(info, theirs_cls, ours_cls):
+def test_module_errors(device, info, theirs_cls, ours_cls):
     """torch's error inputs raise the same errors with our class."""
     if info.module_error_inputs_func is None:
         pytest.skip("no error inputs")
     # (the error inputs are for a module as constructed, in training mode)
-    for err in info.module_error_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=False,
+    for err in info.module_error_inputs_func(info, device=device, dtype=torch.float32, requires_grad=False,
                                              training=True):
         sample = err.module_error_input
         c = sample.constructor_input
         with pytest.raises(err.error_type, match=err.error_regex):
-            m = ours_cls(*c.args, **c.kwargs)
+            m = ours_cls(*c.args, **c.kwargs).to(device)
             if err.error_on == ModuleErrorEnum.FORWARD_ERROR:
                 with count_fused_calls() as count:
                     m(*_clone(sample.forward_input.args), **_clone(sample.forward_input.kwargs))
@@ -157,11 +158,11 @@ def test_module_errors(info, theirs_cls, ours_cls):
 
 
 @pytest.mark.parametrize("info,theirs_cls,ours_cls", MODULE_CASES, ids=MODULE_IDS)
-def test_module_pickle_repr_state_dict_swap(info, theirs_cls, ours_cls):
+def test_module_pickle_repr_state_dict_swap(device, info, theirs_cls, ours_cls):
     """repr and state_dict keys are torch's; pickling, deepcopy and module.to(swap=True)
     keep a working fused module that matches torch's after the conversion."""
-    for sample in _module_samples(info, torch.float32, True):
-        theirs, ours = _make_modules(theirs_cls, ours_cls, sample, torch.float32)
+    for sample in _module_samples(info, torch.float32, True, device):
+        theirs, ours = _make_modules(theirs_cls, ours_cls, sample, torch.float32, device)
         assert repr(ours) == repr(theirs).replace(theirs_cls.__name__, ours_cls.__name__, 1)
         assert list(ours.state_dict()) == list(theirs.state_dict())
         buf = io.BytesIO()
@@ -200,11 +201,11 @@ def _call(fn, sample):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
 @pytest.mark.parametrize("op", OP_INFOS, ids=OP_IDS)
-def test_op_samples_match_torch(op, dtype):
+def test_op_samples_match_torch(device, op, dtype):
     """Every sample (and its non-contiguous version): output values, dtype and strides,
     gradients and the running statistics it updates."""
     ours_fn = OP_FNS[op.name]
-    for sample in op.sample_inputs("cpu", dtype, requires_grad=True):
+    for sample in op.sample_inputs(device, dtype, requires_grad=True):
         for s in (sample, sample.noncontiguous()):
             results = []
             for fn, counted in ((op.op, False), (ours_fn, True)):
@@ -230,11 +231,11 @@ def test_op_samples_match_torch(op, dtype):
 
 
 @pytest.mark.parametrize("op", OP_INFOS, ids=OP_IDS)
-def test_op_gradcheck(op):
+def test_op_gradcheck(device, op):
     """gradcheck with forward AD, gradgradcheck with forward over reverse, on every
     float64 sample."""
     ours_fn = OP_FNS[op.name]
-    for sample in op.sample_inputs("cpu", torch.float64, requires_grad=True):
+    for sample in op.sample_inputs(device, torch.float64, requires_grad=True):
         leaves_at = [i for i, a in enumerate((sample.input, *sample.args)) if
                      isinstance(a, torch.Tensor) and a.requires_grad]
         if not leaves_at:
@@ -259,9 +260,9 @@ def test_op_gradcheck(op):
 
 
 @pytest.mark.parametrize("op", OP_INFOS, ids=OP_IDS)
-def test_op_error_inputs(op):
+def test_op_error_inputs(device, op):
     ours_fn = OP_FNS[op.name]
-    errors = list(op.error_inputs("cpu")) if op.error_inputs_func is not None else []
+    errors = list(op.error_inputs(device)) if op.error_inputs_func is not None else []
     if not errors:
         pytest.skip("no error inputs")
     for err in errors:
