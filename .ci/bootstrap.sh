@@ -23,9 +23,11 @@ else
   fi
 fi
 # ninja makes the build parallel, pytest runs the suite, transformers is the test
-# dependency of tests/test_models.py (skipped without it); skip quietly where offline.
+# dependency of tests/test_models.py and expecttest of tests/test_torch_infos.py (torch's
+# test machinery; each skipped without it); skip quietly where offline.
 "$PY" -c "import ninja, pytest" 2>/dev/null || "$PY" -m pip install -q ninja pytest numpy || true
 "$PY" -c "import transformers" 2>/dev/null || "$PY" -m pip install -q transformers || true
+"$PY" -c "import expecttest" 2>/dev/null || "$PY" -m pip install -q expecttest || true
 "$PY" -c "import pytest" >/dev/null
 
 [ "${1:-}" = "--no-build" ] && return 0

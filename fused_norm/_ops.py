@@ -6,7 +6,6 @@ C++ (csrc/bindings/autograd.cpp), as a Python autograd kernel costs more than th
 itself at small shapes; their backward ops' autograd (the double backward) is here."""
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import _C  # registers torch.ops.fused_norm.*
 
@@ -29,6 +28,64 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_devices(input, *tensors):
+    """torch's error for a tensor on another device than the input. The fake kernels need
+    it: the dispatcher sends a call with one meta tensor among CPU ones to them."""
+    for t in tensors:
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"Tensor on device {t.device} is not on the expected device {input.device}!")
+
+
+def _sum_over(t, dims):
+    """t summed over dims; no dims: t itself (a sum over no dims would sum everything)."""
+    return t.sum(dims) if dims else t
+
+
+def _channel_dims(x):
+    return [0] + list(range(2, x.dim()))
+
+
+def _per_channel(t, x):
+    """A (C,) tensor viewed to broadcast along dim 1 of x."""
+    return t.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def _save_inputs(ctx, inputs, output):
+    """setup_context of an op whose autograd is _backward_of(math): saves its tensor
+    arguments, and keeps the others (ints, bools, None) on ctx."""
+    ctx.args = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+    ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) else None for a in inputs))
+
+
+def _backward_of(math):
+    """Autograd formula of an op: the vector-Jacobian product of `math` (the op in torch
+    ops, with the op's arguments; None for an output not computed) at the saved inputs.
+    Differentiable again (create_graph), so every higher order works too."""
+
+    def backward(ctx, *grads):
+        inputs = [t if a is None else a for t, a in zip(ctx.saved_tensors, ctx.args)]
+        wanted = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i]]
+        result = [None] * len(inputs)
+        create_graph = torch.is_grad_enabled()  # backward of a backward: keep the graph
+        with torch.enable_grad():
+            # The saved inputs themselves (not detached copies), so that with create_graph
+            # the gradients stay connected to them.
+            leaves = [t.detach().requires_grad_() if i in wanted and not t.requires_grad else t
+                      for i, t in enumerate(inputs)]
+            # (an output not depending on the wanted inputs adds nothing)
+            pairs = [(out, g) for out, g in zip(math(*leaves), grads)
+                     if out is not None and out.requires_grad and g is not None]
+            if not wanted or not pairs:
+                return tuple(result)
+            got = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs],
+                                      allow_unused=True, create_graph=create_graph)
+        for i, g in zip(wanted, got):
+            result[i] = g
+        return tuple(result)
+
+    return backward
+
+
 # ---------------------------------------------------------------------------------------
 # LayerNorm
 # ---------------------------------------------------------------------------------------
@@ -36,6 +93,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("fused_norm::layer_norm_fwd")
 def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps):
+    _check_devices(input, weight, bias)
     k = len(normalized_shape)
     torch._check(k >= 1, lambda: "Expected normalized_shape to be at least 1-dimensional")
     torch._check(
@@ -59,6 +117,7 @@ def _param_dtype(input, weight, bias):
 
 @torch.library.register_fake("fused_norm::layer_norm_bwd")
 def _layer_norm_bwd_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias):
+    _check_devices(input, grad_out, mean, rstd, weight, bias)
     dtype = _param_dtype(input, weight, bias)
     dx = torch.empty(input.shape, dtype=input.dtype, device=input.device)
     dw = input.new_empty(tuple(normalized_shape) if weight is not None else (0,), dtype=dtype)
@@ -66,51 +125,31 @@ def _layer_norm_bwd_fake(grad_out, input, normalized_shape, mean, rstd, weight, 
     return dx, dw, db
 
 
-def _layer_norm_bwd_setup_context(ctx, inputs, output):
-    grad_out, input, normalized_shape, _mean, rstd, weight, bias = inputs
-    ctx.normalized_shape = normalized_shape
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(grad_out, input, rstd, weight)
-
-
-@once_differentiable
-def _layer_norm_double_backward(ctx, grad_dx, grad_dw, grad_db):
-    """Backward of layer_norm_bwd (double backward of layer_norm), by differentiating the
-    backward formula written in torch ops, with mean and rstd recomputed from the input
-    so that their dependence on it is included. Second order only (once_differentiable):
-    a third order raises rather than returning a wrong, disconnected gradient."""
-    grad_out, input, rstd, weight = ctx.saved_tensors
+def _layer_norm_bwd_math(grad_out, input, normalized_shape, mean, rstd, weight, bias):
+    """layer_norm_bwd in torch ops, for its autograd (the double backward of layer_norm and
+    every higher order): mean and rstd are recomputed from the input so that their
+    dependence on it is differentiated, eps recovered from the saved rstd."""
     acc = _acc_dtype(input.dtype)
-    k = len(ctx.normalized_shape)
+    k = len(normalized_shape)
     dims = tuple(range(input.dim() - k, input.dim()))
     lead = tuple(range(input.dim() - k))
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in (grad_out, input, weight)]
-        dy, x, w = (t.to(acc) if t is not None else None for t in leaves)
-        mean = x.mean(dims, keepdim=True)
-        var = (x - mean).square().mean(dims, keepdim=True)
-        # eps recovered from the saved rstd: r equals the forward's rstd, with var's derivative.
-        eps = (rstd.to(acc).reshape(mean.shape).pow(-2) - var).detach()
-        r = (var + eps).rsqrt()
-        xhat = (x - mean) * r
-        g = dy * w if w is not None else dy
-        dx = r * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
-        outs, grads = [dx], [grad_dx]
-        if w is not None and grad_dw is not None and grad_dw.numel():
-            outs.append((dy * xhat).sum(lead))
-            grads.append(grad_dw)
-        if ctx.has_bias and grad_db is not None and grad_db.numel():
-            outs.append(dy.sum(lead))
-            grads.append(grad_db)
-        wanted = [t for t in leaves if t is not None]
-        result = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True))
-    d_grad_out, d_input, d_weight = (next(result) if t is not None else None for t in leaves)
-    return d_grad_out, d_input, None, None, None, d_weight, None
+    dy, x = grad_out.to(acc), input.to(acc)
+    mu = x.mean(dims, keepdim=True)
+    var = (x - mu).square().mean(dims, keepdim=True)
+    # r equals the forward's rstd, with var's derivative.
+    eps = rstd.detach().to(acc).reshape(mu.shape).pow(-2) - var.detach()
+    r = (var + eps).rsqrt()
+    xhat = (x - mu) * r
+    g = dy * weight.to(acc) if weight is not None else dy
+    dx = r * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
+    dtype = _param_dtype(input, weight, bias)
+    dw = _sum_over(dy * xhat, lead).to(dtype) if weight is not None else None
+    db = _sum_over(dy, lead).to(dtype) if bias is not None else None
+    return dx.to(input.dtype), dw, db
 
 
-torch.library.register_autograd(
-    "fused_norm::layer_norm_bwd", _layer_norm_double_backward, setup_context=_layer_norm_bwd_setup_context
-)
+torch.library.register_autograd("fused_norm::layer_norm_bwd", _backward_of(_layer_norm_bwd_math),
+                                setup_context=_save_inputs)
 # Autocast, as torch: under CUDA autocast layer_norm runs in float32 (torch's "fp32" cast
 # policy: float16/bfloat16 tensors are cast, float64 is not, the output is float32). CPU
 # autocast has no rule for layer_norm, and neither device one for batch_norm: the op gets
@@ -178,9 +217,9 @@ def _layer_norm_bwd_vmap(info, in_dims, grad_out, input, normalized_shape, mean,
     dw = db = None
     if weight is not None:
         xhat = (x.to(acc) - mean) * rstd
-        dw = (dy.to(acc) * xhat).sum(lead).to(dtype) if lead else (dy.to(acc) * xhat).to(dtype)
+        dw = _sum_over(dy.to(acc) * xhat, lead).to(dtype)
     if bias is not None:
-        db = dy.to(acc).sum(lead).to(dtype) if lead else dy.to(dtype)
+        db = _sum_over(dy.to(acc), lead).to(dtype)
     empty = x.new_empty((0,), dtype=dtype)
     return (dx, dw if dw is not None else empty, db if db is not None else empty), \
         (0, 0 if dw is not None else None, 0 if db is not None else None)
@@ -191,10 +230,24 @@ def _layer_norm_bwd_vmap(info, in_dims, grad_out, input, normalized_shape, mean,
 # ---------------------------------------------------------------------------------------
 
 
+_DENSE_FORMATS = (torch.contiguous_format, torch.channels_last_3d, torch.channels_last)
+
+
 def _batch_norm_format(input):
-    """Memory format of the outputs (and of the kernels' view of the input): torch's
-    suggest_memory_format, as the C++ op uses."""
-    return torch._prims_common.suggest_memory_format(input)
+    """Memory format of the forward's output, as the C++ op's output_format() (torch's CPU
+    batch_norm's choice): an input dense in the contiguous, channels_last_3d or
+    channels_last layout keeps it, any other gets its suggest_memory_format."""
+    return next((f for f in _DENSE_FORMATS if input.is_contiguous(memory_format=f)),
+                torch._prims_common.suggest_memory_format(input))
+
+
+def _batch_norm_grad_format(input, grad_out):
+    """Memory format of dx, as the C++ ops' grad_format() (torch's CPU backward's choice):
+    _batch_norm_format(input) when input and grad_out are both dense in one of those
+    layouts with the same suggest_memory_format, else input's suggest_memory_format."""
+    suggest = torch._prims_common.suggest_memory_format
+    dense = all(any(t.is_contiguous(memory_format=f) for f in _DENSE_FORMATS) for t in (input, grad_out))
+    return _batch_norm_format(input) if dense and suggest(input) == suggest(grad_out) else suggest(input)
 
 
 def _batch_norm_param_dtype(input, *params):
@@ -205,81 +258,69 @@ def _batch_norm_param_dtype(input, *params):
 @torch.library.register_fake("fused_norm::batch_norm_fwd")
 def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
                          eps):
+    stat = _acc_dtype(input.dtype)
+    if input.numel() == 0:  # torch's path for an empty input: no checks, y laid out like the input
+        C = input.shape[1] if input.dim() >= 2 else 0
+        return torch.empty_like(input), input.new_empty((C,), dtype=stat), input.new_empty((C,), dtype=stat)
+    _check_devices(input, weight, bias, running_mean, running_var, num_batches_tracked)
     C = input.shape[1]
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias")):
         if t is not None:
             torch._check(t.numel() == C, lambda: f"{name} should contain {C} elements not {t.numel()}")
+            torch._check(t.dim() == 1 or name in ("weight", "bias"),
+                         lambda: f"{name} should be a 1-D tensor of {C} elements, got shape {list(t.shape)}")
     torch._check(training or running_mean is not None, lambda: "running_mean must be defined in evaluation mode")
     y = torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=_batch_norm_format(input))
-    save_mean = input.new_empty((C,), dtype=_acc_dtype(input.dtype))
-    save_invstd = input.new_empty((C,), dtype=_acc_dtype(input.dtype))
-    update = training and running_mean is not None
-    dtype = _batch_norm_param_dtype(input, weight, bias, running_mean, running_var)
-    new_mean = input.new_empty((C if update else 0,), dtype=dtype)
-    new_var = input.new_empty((C if update else 0,), dtype=dtype)
-    return y, save_mean, save_invstd, new_mean, new_var
+    return y, input.new_empty((C,), dtype=stat), input.new_empty((C,), dtype=stat)
 
 
 @torch.library.register_fake("fused_norm::batch_norm_bwd")
 def _batch_norm_bwd_fake(grad_out, input, weight, bias, save_mean, save_invstd, training):
+    _check_devices(input, grad_out, weight, bias, save_mean, save_invstd)
+    if input.numel() == 0:
+        zeros = [torch.zeros_like(t) if t is not None else input.new_empty((0,)) for t in (weight, bias)]
+        return torch.empty_like(input), *zeros
     dtype = _batch_norm_param_dtype(input, weight, bias)
-    dx = torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=_batch_norm_format(input))
+    dx = torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                     memory_format=_batch_norm_grad_format(input, grad_out))
     dw = input.new_empty(weight.shape if weight is not None else (0,), dtype=dtype)
     db = input.new_empty(bias.shape if bias is not None else (0,), dtype=dtype)
     return dx, dw, db
 
 
-def _batch_norm_bwd_setup_context(ctx, inputs, output):
-    grad_out, input, weight, bias, save_mean, save_invstd, training = inputs
-    ctx.training = training
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(grad_out, input, weight, save_mean, save_invstd)
-
-
-@once_differentiable
-def _batch_norm_double_backward(ctx, grad_dx, grad_dw, grad_db):
-    """Backward of batch_norm_bwd (double backward of batch_norm), by differentiating the
-    backward formula written in torch ops; in training the batch statistics are
-    recomputed from the input so that their dependence on it is included. Second order
-    only, as the LayerNorm one."""
-    grad_out, input, weight, save_mean, save_invstd = ctx.saved_tensors
+def _batch_norm_bwd_math(grad_out, input, weight, bias, save_mean, save_invstd, training):
+    """batch_norm_bwd in torch ops, for its autograd (the double backward of batch_norm and
+    every higher order); in training the batch statistics are recomputed from the input
+    so that their dependence on it is differentiated, eps recovered from the saved
+    invstd. In eval the saved statistics are the running ones, constants. An empty input
+    (which may be 1-D) has nothing to differentiate."""
+    if input.numel() == 0:
+        return None, None, None
     acc = _acc_dtype(input.dtype)
-    dims = [0] + list(range(2, input.dim()))
-    shape = [1, -1] + [1] * (input.dim() - 2)
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() if t is not None else None for t in (grad_out, input, weight)]
-        dy, x, w = (t.to(acc) if t is not None else None for t in leaves)
-        if ctx.training:
-            mean = x.mean(dims, keepdim=True)
-            var = (x - mean).square().mean(dims, keepdim=True)
-            # eps recovered from the saved invstd: r equals the forward's invstd, with var's derivative.
-            eps = (save_invstd.to(acc).view(shape).pow(-2) - var).detach()
-            r = (var + eps).rsqrt()
-        else:
-            mean = save_mean.to(acc).view(shape)
-            r = save_invstd.to(acc).view(shape)
-        xhat = (x - mean) * r
-        a = r * w.view(shape) if w is not None else r
-        if ctx.training:
-            dx = a * (dy - dy.mean(dims, keepdim=True) - xhat * (dy * xhat).mean(dims, keepdim=True))
-        else:
-            dx = a * dy
-        outs, grads = [dx], [grad_dx]
-        if w is not None and grad_dw.numel():
-            outs.append((dy * xhat).sum(dims).view(w.shape))
-            grads.append(grad_dw)
-        if ctx.has_bias and grad_db.numel():
-            outs.append(dy.sum(dims))
-            grads.append(grad_db.view(-1))
-        wanted = [t for t in leaves if t is not None]
-        result = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True))
-    d_grad_out, d_input, d_weight = (next(result) if t is not None else None for t in leaves)
-    return d_grad_out, d_input, d_weight, None, None, None, None
+    dims = _channel_dims(input)
+    dy, x = grad_out.to(acc), input.to(acc)
+    if training:
+        mu = x.mean(dims, keepdim=True)
+        var = (x - mu).square().mean(dims, keepdim=True)
+        # r equals the forward's invstd, with var's derivative.
+        eps = _per_channel(save_invstd.detach().to(acc), x).pow(-2) - var.detach()
+        r = (var + eps).rsqrt()
+    else:
+        mu = _per_channel(save_mean.to(acc), x)
+        r = _per_channel(save_invstd.to(acc), x)
+    xhat = (x - mu) * r
+    a = r * _per_channel(weight.to(acc), x) if weight is not None else r
+    if training:
+        dx = a * (dy - dy.mean(dims, keepdim=True) - xhat * (dy * xhat).mean(dims, keepdim=True))
+    else:
+        dx = a * dy
+    dw = (dy * xhat).sum(dims).view(weight.shape).to(weight.dtype) if weight is not None else None
+    db = dy.sum(dims).view(bias.shape).to(bias.dtype) if bias is not None else None
+    return dx.to(input.dtype), dw, db
 
 
-torch.library.register_autograd(
-    "fused_norm::batch_norm_bwd", _batch_norm_double_backward, setup_context=_batch_norm_bwd_setup_context
-)
+torch.library.register_autograd("fused_norm::batch_norm_bwd", _backward_of(_batch_norm_bwd_math),
+                                setup_context=_save_inputs)
 
 
 # vmap: a mapped (N, C, *S) input becomes one (N, B*C, *S) batch of B*C channels (the
@@ -326,21 +367,25 @@ def _batch_norm_fwd_vmap(info, in_dims, input, weight, bias, running_mean, runni
         raise RuntimeError(_BN_RUNNING_STATS_NOT_BATCHED)
     if momentum is not None:
         num_batches_tracked, n_bdim = None, None  # read only for the cumulative average
-    if n_bdim is not None:  # a factor 1/num_batches_tracked per sample: one call each
+    if n_bdim is not None:  # a factor 1/num_batches_tracked per sample: one call each, on views
         per_sample = [ops.batch_norm_fwd(*(t if d is None or t is None else t.select(d, i) for t, d in
                                            zip((input, weight, bias, running_mean, running_var, num_batches_tracked),
                                                in_dims[:6])), training, momentum, eps) for i in range(B)]
-        return tuple(torch.stack(outs) for outs in zip(*per_sample)), (0,) * 5
+        return tuple(torch.stack(outs) for outs in zip(*per_sample)), (0,) * 3
     if not training and x_bdim is not None and all(d is None for d in in_dims[1:5]):
         x = input.movedim(x_bdim, 0)
-        y, mean, invstd, new_mean, new_var = ops.batch_norm_fwd(
+        y, mean, invstd = ops.batch_norm_fwd(
             x.reshape(-1, *x.shape[2:]), weight, bias, running_mean, running_var, None, training, momentum, eps)
-        return (y.view(x.shape), mean, invstd, new_mean, new_var), (0, None, None, None, None)
-    y, mean, invstd, new_mean, new_var = ops.batch_norm_fwd(
-        _bn_channels(input, x_bdim, B), *(_bn_per_channel(t, d, B) for t, d in zip(
-            (weight, bias, running_mean, running_var), (w_bdim, b_bdim, rm_bdim, rv_bdim))),
+        return (y.view(x.shape), mean, invstd), (0, None, None)
+    stats = [_bn_per_channel(t, d, B) for t, d in ((running_mean, rm_bdim), (running_var, rv_bdim))]
+    y, mean, invstd = ops.batch_norm_fwd(
+        _bn_channels(input, x_bdim, B), _bn_per_channel(weight, w_bdim, B), _bn_per_channel(bias, b_bdim, B), *stats,
         num_batches_tracked, training, momentum, eps)
-    outs, dims = zip((_bn_unfold(y, B), 1), *(_bn_samples(t, B) for t in (mean, invstd, new_mean, new_var)))
+    if training and running_mean is not None:
+        # The op updated the (B*C,) statistics: a copy where flattening could not view them.
+        for t, d, flat in zip((running_mean, running_var), (rm_bdim, rv_bdim), stats):
+            _to_front(t, d, B).copy_(flat.view(B, -1))
+    outs, dims = zip((_bn_unfold(y, B), 1), *(_bn_samples(t, B) for t in (mean, invstd)))
     return outs, dims
 
 
@@ -361,15 +406,6 @@ def _batch_norm_bwd_vmap(info, in_dims, grad_out, input, weight, bias, save_mean
 # ---------------------------------------------------------------------------------------
 
 
-def _channel_dims(x):
-    return [0] + list(range(2, x.dim()))
-
-
-def _per_channel(t, x):
-    """A (C,) tensor viewed to broadcast along dim 1 of x."""
-    return t.view([1, -1] + [1] * (x.dim() - 2))
-
-
 @torch.library.register_fake("fused_norm::batch_norm_stats")
 def _batch_norm_stats_fake(input):
     C = input.shape[1]
@@ -384,7 +420,8 @@ def _batch_norm_bwd_reduce_fake(grad_out, input, mean):
 
 @torch.library.register_fake("fused_norm::batch_norm_bwd_elemt")
 def _batch_norm_bwd_elemt_fake(grad_out, input, weight, mean, invstd, sum_dy, sum_dy_xmu, count):
-    return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=_batch_norm_format(input))
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                       memory_format=_batch_norm_grad_format(input, grad_out))
 
 
 # The same three in torch ops (in the stat dtype): their autograd differentiates these.
@@ -408,37 +445,6 @@ def _batch_norm_bwd_elemt_math(grad_out, input, weight, mean, invstd, sum_dy, su
     xmu = input.to(acc) - _per_channel(mean, input)
     dx = (grad_out.to(acc) - _per_channel(sum_dy, input) / n - xmu * r * r * _per_channel(sum_dy_xmu, input) / n) * a
     return (dx.to(input.dtype),)
-
-
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward_of(math):
-    """Autograd formula of an op whose arguments are all tensors (or None): the
-    vector-Jacobian product of `math` (the op in torch ops) at the saved inputs.
-    Differentiable again (create_graph), so higher orders work too."""
-
-    def backward(ctx, *grads):
-        inputs = ctx.saved_tensors
-        wanted = [i for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-        result = [None] * len(inputs)
-        create_graph = torch.is_grad_enabled()  # backward of a backward: keep the graph
-        with torch.enable_grad():
-            # The saved inputs themselves (not detached copies), so that with create_graph
-            # the gradients stay connected to them.
-            leaves = [t.detach().requires_grad_() if i in wanted and not t.requires_grad else t
-                      for i, t in enumerate(inputs)]
-            pairs = [(out, g) for out, g in zip(math(*leaves), grads) if g is not None]
-            if not wanted or not pairs:
-                return tuple(result)
-            got = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs],
-                                      allow_unused=True, create_graph=create_graph)
-        for i, g in zip(wanted, got):
-            result[i] = g
-        return tuple(result)
-
-    return backward
 
 
 for _name, _math in (("batch_norm_stats", _batch_norm_stats_math),

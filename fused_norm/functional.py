@@ -1,6 +1,6 @@
 """Functional forms with the signatures of torch.nn.functional."""
 
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -10,9 +10,33 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from ._ops import _acc_dtype, ops
 
 
+def _raise_type_error(fn, args):
+    """torch's TypeError (its argument parser's) for the first argument of a wrong type
+    among args, (name, value, kind) in the function's order with kind "Tensor",
+    "Tensor?", "ints" or "float". The ops' schema checks raise RuntimeErrors instead, so
+    the functions call this when the op refuses their arguments."""
+    def type_name(v):
+        t = type(v)
+        return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+    for pos, (name, value, kind) in enumerate(args, 1):
+        where = f"{fn}(): argument '{name}' (position {pos}) must be"
+        if kind == "ints":
+            if not isinstance(value, (tuple, list)):  # torch.Size is a tuple
+                raise TypeError(f"{where} tuple of ints, not {type_name(value)}")
+            for i, v in enumerate(value):
+                if not isinstance(v, (int, torch.SymInt)):
+                    raise TypeError(f"{where} tuple of ints, but found element of type {type_name(v)} at pos {i}")
+        elif kind == "float":
+            if not isinstance(value, (int, float)):
+                raise TypeError(f"{where} float, not {type_name(value)}")
+        elif not isinstance(value, torch.Tensor) and not (kind == "Tensor?" and value is None):
+            raise TypeError(f"{where} Tensor, not {type_name(value)}")
+
+
 def layer_norm(
     input: torch.Tensor,
-    normalized_shape: Union[int, List[int], torch.Size],
+    normalized_shape: List[int],
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     eps: float = 1e-5,
@@ -23,12 +47,16 @@ def layer_norm(
         return handle_torch_function(
             layer_norm, (input, weight, bias), input, normalized_shape, weight=weight, bias=bias, eps=eps
         )
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    return ops.layer_norm_fwd(input, list(normalized_shape), weight, bias, eps)[0]
+    try:
+        return ops.layer_norm_fwd(input, list(normalized_shape), weight, bias, eps)[0]
+    except (RuntimeError, TypeError):
+        _raise_type_error("layer_norm", (("input", input, "Tensor"), ("normalized_shape", normalized_shape, "ints"),
+                                         ("weight", weight, "Tensor?"), ("bias", bias, "Tensor?"),
+                                         ("eps", eps, "float")))
+        raise
 
 
-def _verify_batch_size(size) -> None:
+def _verify_batch_size(size: List[int]) -> None:
     size_prods = size[0]
     for i in range(len(size) - 2):
         size_prods *= size[i + 2]
@@ -36,19 +64,21 @@ def _verify_batch_size(size) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
-def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked):
+def _batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], training: bool,
+                momentum: Optional[float], eps: float, num_batches_tracked: Optional[torch.Tensor]) -> torch.Tensor:
     """batch_norm with momentum=None meaning the cumulative average 1/num_batches_tracked
-    (read from the tensor by the kernel, so that it compiles without a graph break)."""
+    (read from the tensor by the kernel, so that it compiles without a graph break). The
+    op updates the running statistics in place. TorchScript compiles it (the modules'
+    forward)."""
     if training:
         _verify_batch_size(input.size())
-    y, _, _, new_mean, new_var = ops.batch_norm_fwd(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps
-    )
-    if training and running_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(new_mean.view_as(running_mean))
-            running_var.copy_(new_var.view_as(running_var))
-    return y
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    return torch.ops.fused_norm.batch_norm_fwd(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps)[0]
 
 
 def batch_norm(
@@ -69,7 +99,15 @@ def batch_norm(
             batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean, running_var,
             weight=weight, bias=bias, training=training, momentum=momentum, eps=eps,
         )
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None)
+    if momentum is None:  # torch.nn.functional.batch_norm has no cumulative average
+        raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not {type(momentum).__name__}")
+    try:
+        return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None)
+    except RuntimeError:
+        _raise_type_error("batch_norm", (
+            ("input", input, "Tensor"), ("running_mean", running_mean, "Tensor?"),
+            ("running_var", running_var, "Tensor?"), ("weight", weight, "Tensor?"), ("bias", bias, "Tensor?")))
+        raise
 
 
 class _SyncBatchNorm(torch.autograd.Function):
@@ -133,7 +171,7 @@ class _SyncBatchNorm(torch.autograd.Function):
             stat_type = torch.float32
             weight = weight.float() if weight is not None else None
             bias = bias.float() if bias is not None else None
-        y, save_mean, save_invstd, _, _ = ops.batch_norm_fwd(
+        y, save_mean, save_invstd = ops.batch_norm_fwd(
             input, weight, bias, mean.to(stat_type), var.to(stat_type), None, False, 0.0, eps)
         ctx.process_group = process_group
         ctx.save_for_backward(input, weight, save_mean, save_invstd, count.to(torch.int64).reshape(1))

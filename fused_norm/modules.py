@@ -1,6 +1,8 @@
 """nn.Module drop-ins: subclasses of torch's own modules that run fused_norm's kernels.
 Constructor, parameters, state_dict keys, repr and initialization are torch's."""
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -13,6 +15,9 @@ class FusedLayerNorm(nn.LayerNorm):
     checkpoints) whose forward runs fused_norm's LayerNorm kernels."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript calls the op (the functional form is Python only)
+            return torch.ops.fused_norm.layer_norm_fwd(input, list(self.normalized_shape), self.weight, self.bias,
+                                                       self.eps)[0]
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -22,7 +27,7 @@ class _FusedBatchNormForward:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        momentum = self.momentum
+        momentum: Optional[float] = self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         elif momentum is None:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_norm  # noqa: F401  (registers the ops)
 from fused_norm import testing
@@ -92,6 +93,20 @@ def cpu_capability(request):
     fused_norm.set_cpu_capability(request.param)
     yield request.param
     fused_norm.set_cpu_capability(current)
+
+
+class count_fused_calls(TorchDispatchMode):
+    """Counts the calls of torch.ops.fused_norm.* made inside it (in `.n`), as proof that
+    fused_norm's kernels ran and not torch's (it sees calls from TorchScript too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fused_norm":
+            self.n += 1
+        return func(*args, **(kwargs or {}))
 
 
 def torch_norm_class(module):

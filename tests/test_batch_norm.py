@@ -300,7 +300,7 @@ def test_opcheck(device, dtype, wdtype):
         for args in ((x, w, b, rm, rv, None, True, 0.1, 1e-5), (x, w, None, rm, rv, nbt, True, None, 1e-5),
                      (x, None, b, None, None, None, True, 0.1, 1e-3), (x, w, b, rm, rv, None, False, 0.1, 1e-5)):
             torch.library.opcheck(ops.batch_norm_fwd, args)
-            _, mean, invstd, _, _ = ops.batch_norm_fwd(*args)
+            _, mean, invstd = ops.batch_norm_fwd(*args)
             dy = torch.randn_like(x.detach())
             torch.library.opcheck(ops.batch_norm_bwd, (dy, x.detach(), args[1], args[2], mean, invstd, args[6]))
 
@@ -341,7 +341,7 @@ def test_channel_blocks_equal_two_passes(shape, dtype, wdtype, threads):
             fused_norm._C.set_stream_threshold(threshold)
             rm, rv = torch.zeros(C, dtype=wdtype), torch.ones(C, dtype=wdtype)
             fwd = ops.batch_norm_fwd(x, w, b, rm, rv, None, True, 0.1, 1e-5)
-            outs.append([*fwd, *ops.batch_norm_bwd(dy, x, w, b, fwd[1], fwd[2], True)])
+            outs.append([*fwd, rm, rv, *ops.batch_norm_bwd(dy, x, w, b, fwd[1], fwd[2], True)])
     finally:
         fused_norm._C.set_stream_threshold(-1)
         torch.set_num_threads(saved_threads)

@@ -182,7 +182,8 @@ def _bn_check(shape, dtype, wdtype, layout="contiguous", training=True, momentum
     eps = 1e-5
 
     def ours():
-        y, mean, invstd, new_rm, new_rv = ops.batch_norm_fwd(x, w, b, rm, rv, nbt, training, momentum, eps)
+        new_rm, new_rv = rm.clone(), rv.clone()  # updated in place when training
+        y, mean, invstd = ops.batch_norm_fwd(x, w, b, new_rm, new_rv, nbt, training, momentum, eps)
         dx, dw, db = ops.batch_norm_bwd(dy, x, w, b, mean, invstd, training)
         return (y, mean, invstd, new_rm, new_rv, dx) + ((dw, db) if affine else ())
 

@@ -133,10 +133,14 @@ def test_eps(device):
     torch.testing.assert_close(fused_norm.layer_norm(x, (32,), eps=1e-2), F.layer_norm(x, (32,), eps=1e-2))
 
 
-def test_int_normalized_shape_and_size(device):
+def test_size_normalized_shape_and_int_refused(device):
     x = torch.randn(3, 4, 10, device=device)
-    torch.testing.assert_close(fused_norm.layer_norm(x, 10), F.layer_norm(x, (10,)))
     torch.testing.assert_close(fused_norm.layer_norm(x, torch.Size([4, 10])), F.layer_norm(x, (4, 10)))
+    torch.testing.assert_close(fused_norm.layer_norm(x, [10]), F.layer_norm(x, [10]))
+    for fn in (F.layer_norm, fused_norm.layer_norm):  # a bare int is not a shape
+        with pytest.raises(TypeError, match=r"layer_norm\(\): argument 'normalized_shape' \(position 2\) must be "
+                                            "tuple of ints, not int"):
+            fn(x, 10)
 
 
 def test_gradcheck(device):

@@ -30,11 +30,10 @@ using torch::autograd::variable_list;
 using OptTensor = c10::optional<Tensor>;
 
 using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
-using Tensors5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 using LayerNormFwd = Tensors3(const Tensor&, c10::SymIntArrayRef, const OptTensor&, const OptTensor&, double);
 using LayerNormBwd = Tensors3(const Tensor&, const Tensor&, c10::SymIntArrayRef, const Tensor&, const Tensor&,
                               const OptTensor&, const OptTensor&);
-using BatchNormFwd = Tensors5(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+using BatchNormFwd = Tensors3(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                               const OptTensor&, bool, c10::optional<double>, double);
 using BatchNormBwd = Tensors3(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
                               const Tensor&, bool);
@@ -161,8 +160,12 @@ struct NormBackward : Node {
     auto wrapped = [](const Tensor& t) {
       return t.defined() && t.key_set().has(c10::DispatchKey::FuncTorchGradWrapper);
     };
+    // Forward-mode AD through the backward (forward over reverse) also takes the ATen
+    // formula, which carries tangents; the backward ops have no forward formula.
     const bool func_grad = wrapped(grads[0]) || wrapped(x) || wrapped(w) || wrapped(b);
-    auto [dx, dw, db] = at::GradMode::is_enabled() && func_grad
+    const bool fw_tangent = tangent(grads[0]).defined() || tangent(x).defined() || tangent(w).defined() ||
+                            tangent(b).defined();
+    auto [dx, dw, db] = (at::GradMode::is_enabled() && func_grad) || fw_tangent
                             ? f.math_grads(grads[0], x, w, b, stat0.unpack(), stat1.unpack())
                             : f.grads(grads[0], x, w, b, stat0.unpack(), stat1.unpack());
     return kept({dx, dw, db}, needs_grad());
@@ -327,9 +330,14 @@ struct BatchNormGrads {
     return call_backward_op(op<BatchNormBwd, kBatchNormBwd>(), dy, input, optional(w), optional(b), save_mean,
                             save_invstd, training);
   }
-  // Eval: the saved statistics are the running ones, constants.
+  // Eval: the saved statistics are the running ones, constants. An empty input (which
+  // may be 1-D) has zero gradients, as the op's path for it.
   Tensors3 math_grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor& b,
                       const Tensor& save_mean, const Tensor& save_invstd) const {
+    if (input.sym_numel() == 0) {
+      return {at::zeros_like(input), w.defined() ? at::zeros_like(w) : Tensor(),
+              b.defined() ? at::zeros_like(b) : Tensor()};
+    }
     const at::ScalarType acc = acc_type(input);
     const auto [dims, shape] = channel_dims(input.dim());
     const Tensor x = input.to(acc), g = dy.to(acc);
@@ -347,19 +355,41 @@ struct BatchNormGrads {
   }
 };
 
-Tensors5 batch_norm_fwd_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+// torch's checks on the running statistics: not differentiable, and in eval (where they
+// normalize) no forward-mode tangent when the output gets one.
+void check_running_stats(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                         const OptTensor& running_mean, const OptTensor& running_var, bool training) {
+  for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}}) {
+    TORCH_CHECK(!requires_grad(*t), "The function 'batch_norm' is not differentiable with respect to argument '",
+                name, "'. This input cannot have requires_grad True.");
+  }
+  TORCH_CHECK(training || !has_tangent(input, weight, bias) ||
+                  !(tangent(running_mean).defined() || tangent(running_var).defined()),
+              "batch_norm is not differentiable wrt running_mean and running_var, they cannot have forward grad "
+              "defined");
+}
+
+Tensors3 batch_norm_fwd_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                  const OptTensor& running_mean, const OptTensor& running_var,
                                  const OptTensor& num_batches_tracked, bool training, c10::optional<double> momentum,
                                  double eps) {
+  check_running_stats(input, weight, bias, running_mean, running_var, training);
   auto out = call_below_autograd(op<BatchNormFwd, kBatchNormFwd>(), input, weight, bias, running_mean, running_var,
                                  num_batches_tracked, training, momentum, eps);
+  // The kernel updated the running statistics below autograd: their version counters
+  // record it, as torch's in-place ops do (inference tensors have none).
+  if (training) {
+    for (const OptTensor* t : {&running_mean, &running_var}) {
+      if (t->has_value() && (*t)->defined() && !(*t)->is_inference()) torch::autograd::impl::bump_version(**t);
+    }
+  }
   if (records_graph(input, weight, bias)) {
     BatchNormGrads& f = NormBackward<BatchNormGrads>::record(std::get<0>(out), input, weight, bias,
                                                              std::get<1>(out), std::get<2>(out));
     f.training = training;
     f.eps = eps;
   }
-  if (has_tangent(input, weight, bias)) {
+  if (has_tangent(input, weight, bias) && input.sym_numel() != 0) {  // (an empty output has nothing to carry)
     const Tensor x = primal(input).to(acc_type(input));
     const auto [dims, shape] = BatchNormGrads::channel_dims(x.dim());
     auto per_channel = [&](const Tensor& t) { return t.defined() ? t.view(shape) : t; };

@@ -5,12 +5,12 @@
 // two for a synchronized BatchNorm, which combines the per-process statistics and
 // gradient sums with collectives in between (fused_norm/functional.py).
 //
-// batch_norm_fwd is functional: besides y and the saved statistics it returns the
-// updated running statistics as new tensors (the caller copies them into its buffers),
-// so the op mutates nothing and torch.compile can trace it. The kernels see the input
-// as (N, C, S) in one of two dense layouts (BatchNormLayout); the output, dx and the
-// layout follow input.suggest_memory_format(), as torch's batch_norm does, and inputs of
-// any other layout are copied into it once.
+// batch_norm_fwd updates the running statistics in place when training, as torch's
+// native batch_norm does (its schema marks them mutated, so torch.compile functionalizes
+// the op), so that everything that reruns a forward (activation checkpointing) updates
+// them as torch does. The kernels see the input as (N, C, S) in one of two dense layouts
+// (BatchNormLayout); the output, dx and the layout follow output_format(), torch's choice,
+// and inputs of any other layout are copied into it once.
 #include <torch/library.h>
 
 #include "common.h"
@@ -68,6 +68,8 @@ BatchNormShape check_inputs(const at::Tensor& input, const c10::optional<at::Ten
       continue;
     }
     TORCH_CHECK((*t)->numel() == C, name, " should contain ", C, " elements not ", (*t)->numel());
+    TORCH_CHECK(t == &weight || t == &bias || (*t)->dim() == 1, name, " should be a 1-D tensor of ", C,
+                " elements, got shape ", (*t)->sizes());
     check_same_device(input, *t, name);
   }
   TORCH_CHECK_VALUE(defined(running_mean) == defined(running_var),
@@ -87,8 +89,34 @@ struct Laid {
   BatchNormLayout layout;
 };
 
-Laid lay_out(const at::Tensor& input, BatchNormShape s) {
-  const at::MemoryFormat format = input.suggest_memory_format();
+// The memory format of the forward's output, chosen as torch's CPU batch_norm chooses it:
+// an input dense in the contiguous, channels_last_3d or channels_last layout keeps it (in
+// that order: an (N, C, 1, 1) tensor is both contiguous and channels_last), any other
+// input gets its suggest_memory_format().
+at::MemoryFormat output_format(const at::Tensor& input) {
+  if (input.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
+  if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  return input.suggest_memory_format();
+}
+
+// The memory format of dx, as torch's CPU backward chooses it: output_format(input) when
+// input and grad_out are both dense in one of those layouts and have the same
+// suggest_memory_format(), else input's suggest_memory_format(). (Torch's kernel then
+// assumes grad_out laid out as dx, which it may not be in ambiguous layouts; here grad_out
+// is copied into dx's layout when it is not.)
+at::MemoryFormat grad_format(const at::Tensor& input, const at::Tensor& grad_out) {
+  auto dense = [](const at::Tensor& t) {
+    return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+           t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  };
+  if (dense(input) && dense(grad_out) && input.suggest_memory_format() == grad_out.suggest_memory_format()) {
+    return output_format(input);
+  }
+  return input.suggest_memory_format();
+}
+
+Laid lay_out(const at::Tensor& input, BatchNormShape s, at::MemoryFormat format) {
   Laid l{input.contiguous(format), format, s, BatchNormLayout::kNCS};
   if (s.C == 1) {
     l.shape = {1, 1, s.N * s.S};
@@ -121,13 +149,20 @@ void check_channel_stats(const at::Tensor& input, int64_t C, std::initializer_li
   }
 }
 
-// Returns (y, save_mean, save_invstd, new_running_mean, new_running_var). The new
-// running statistics are (C,) tensors when training with running statistics, else (0,).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
+// Returns (y, save_mean, save_invstd); when training with running statistics, updates
+// them in place. An empty input takes torch's path for one: no argument checks, y laid
+// out like the input (torch returns a clone), NaN statistics, nothing updated.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight_opt, const c10::optional<at::Tensor>& bias_opt,
     const c10::optional<at::Tensor>& running_mean_opt, const c10::optional<at::Tensor>& running_var_opt,
     const c10::optional<at::Tensor>& num_batches_tracked_opt, bool training, c10::optional<double> momentum,
     double eps) {
+  if (input.numel() == 0) {
+    const auto stat_opts = input.options().dtype(stat_dtype(input.scalar_type()));
+    const int64_t C = input.dim() >= 2 ? input.size(1) : 0;
+    return {at::empty_like(input), at::full({C}, std::numeric_limits<double>::quiet_NaN(), stat_opts),
+            at::full({C}, std::numeric_limits<double>::quiet_NaN(), stat_opts)};
+  }
   const DType x_dtype = to_dtype(input, kOpName);
   const BatchNormShape shape =
       check_inputs(input, weight_opt, bias_opt, running_mean_opt, running_var_opt, training);
@@ -136,32 +171,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
       batch_norm_param_dtype(input, {&weight_opt, &bias_opt, &running_mean_opt, &running_var_opt});
   const bool update = training && has_rm;
   const bool cumulative = update && !momentum.has_value();
+  at::Tensor num_batches_tracked;  // int64 (torch's module also runs with a float or int32 counter)
   if (cumulative) {
-    TORCH_CHECK(defined(num_batches_tracked_opt) && num_batches_tracked_opt->numel() == 1 &&
-                    num_batches_tracked_opt->scalar_type() == at::kLong,
+    TORCH_CHECK(defined(num_batches_tracked_opt) && num_batches_tracked_opt->numel() == 1,
                 "fused_norm::batch_norm_fwd: momentum=None (cumulative average) needs num_batches_tracked, "
-                "a one-element int64 tensor");
+                "a one-element tensor");
     check_same_device(input, num_batches_tracked_opt, "num_batches_tracked");
+    num_batches_tracked = num_batches_tracked_opt->to(at::kLong);
   }
 
-  const Laid x = lay_out(input, shape);
+  const Laid x = lay_out(input, shape, output_format(input));
   at::Tensor y = empty_output(input.sizes(), input.options(), x.format);
   const auto stat_opts = input.options().dtype(stat_dtype(input.scalar_type()));
   at::Tensor save_mean = at::empty({shape.C}, stat_opts);
   at::Tensor save_invstd = at::empty({shape.C}, stat_opts);
+  // The kernels write the new running statistics apart from the old ones they read.
   const auto param_opts = input.options().dtype(w_type);
   at::Tensor new_mean = at::empty({update ? shape.C : 0}, param_opts);
   at::Tensor new_var = at::empty({update ? shape.C : 0}, param_opts);
-  if (input.numel() == 0) {
-    // Nothing to normalize; the running statistics stay as they are.
-    save_mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    save_invstd.fill_(std::numeric_limits<double>::quiet_NaN());
-    if (update) {
-      new_mean.copy_(running_mean_opt->reshape({shape.C}));
-      new_var.copy_(running_var_opt->reshape({shape.C}));
-    }
-    return {y, save_mean, save_invstd, new_mean, new_var};
-  }
   const at::Tensor weight = contiguous_or_undefined(weight_opt);
   const at::Tensor bias = contiguous_or_undefined(bias_opt);
   const at::Tensor running_mean = contiguous_or_undefined(running_mean_opt);
@@ -173,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   p.bias = const_ptr(bias);
   p.running_mean = const_ptr(running_mean);
   p.running_var = const_ptr(running_var);
-  p.num_batches_tracked = cumulative ? num_batches_tracked_opt->const_data_ptr<int64_t>() : nullptr;
+  p.num_batches_tracked = cumulative ? num_batches_tracked.const_data_ptr<int64_t>() : nullptr;
   p.y = y.mutable_data_ptr();
   p.save_mean = save_mean.mutable_data_ptr();
   p.save_invstd = save_invstd.mutable_data_ptr();
@@ -196,7 +223,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
         const cudaError_t err = cuda_workspace(input, batch_norm_fwd_cuda_workspace_bytes, p, &workspace);
         return err != cudaSuccess ? err : batch_norm_fwd_cuda(p, stream);
       }));
-  return {y, save_mean, save_invstd, new_mean, new_var};
+  if (update) {
+    running_mean_opt->copy_(new_mean);
+    running_var_opt->copy_(new_var);
+  }
+  return {y, save_mean, save_invstd};
 }
 
 // Returns (dx, dweight, dbias); dweight/dbias have weight's/bias's shape, or (0,) when
@@ -206,6 +237,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(const at::Tensor& 
                                                               const c10::optional<at::Tensor>& bias_opt,
                                                               const at::Tensor& save_mean,
                                                               const at::Tensor& save_invstd, bool training) {
+  if (input.numel() == 0) {  // the forward's path for an empty input: dweight and dbias are zeros
+    auto zeros = [&](const c10::optional<at::Tensor>& t) {
+      return defined(t) ? at::zeros_like(*t) : at::empty({0}, input.options());
+    };
+    return {at::empty_like(input), zeros(weight_opt), zeros(bias_opt)};
+  }
   const DType x_dtype = to_dtype(input, kOpName);
   const BatchNormShape shape = check_inputs(input, weight_opt, bias_opt, c10::nullopt, c10::nullopt, true);
   const at::ScalarType w_type = batch_norm_param_dtype(input, {&weight_opt, &bias_opt});
@@ -213,16 +250,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd(const at::Tensor& 
   check_channel_stats(input, shape.C, {&save_mean, &save_invstd}, "save_mean/save_invstd", "batch_norm_bwd");
   const bool has_w = defined(weight_opt), has_b = defined(bias_opt);
 
-  const Laid x = lay_out(input, shape);
+  const Laid x = lay_out(input, shape, grad_format(input, grad_out));
   at::Tensor dx = empty_output(input.sizes(), input.options(), x.format);
   const auto param_opts = input.options().dtype(w_type);
   at::Tensor dweight = at::empty(has_w ? weight_opt->sizes() : at::IntArrayRef{0}, param_opts);
   at::Tensor dbias = at::empty(has_b ? bias_opt->sizes() : at::IntArrayRef{0}, param_opts);
-  if (input.numel() == 0) {
-    dweight.zero_();
-    dbias.zero_();
-    return {dx, dweight, dbias};
-  }
   const at::Tensor dy = grad_out.contiguous(x.format);
   const at::Tensor weight = contiguous_or_undefined(weight_opt);
   const at::Tensor mean = save_mean.contiguous();
@@ -267,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
     var.fill_(std::numeric_limits<double>::quiet_NaN());
     return {mean, var};
   }
-  const Laid x = lay_out(input, shape);
+  const Laid x = lay_out(input, shape, input.suggest_memory_format());
   BatchNormFwdParams p;
   p.x = x.t.const_data_ptr();
   p.save_mean = mean.mutable_data_ptr();
@@ -304,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce(const at::Tensor& grad_
     sum_dy_xmu.zero_();
     return {sum_dy, sum_dy_xmu};
   }
-  const Laid x = lay_out(input, shape);
+  const Laid x = lay_out(input, shape, input.suggest_memory_format());
   const at::Tensor dy = grad_out.contiguous(x.format);
   const at::Tensor mean_c = mean.contiguous();
   BatchNormBwdParams p;
@@ -344,7 +376,7 @@ at::Tensor batch_norm_bwd_elemt(const at::Tensor& grad_out, const at::Tensor& in
   TORCH_CHECK(count.numel() == 1 && count.scalar_type() == at::kLong && count.device() == input.device(),
               "fused_norm::batch_norm_bwd_elemt: count must be a one-element int64 tensor on input's device, got ",
               count.sizes(), " ", count.scalar_type(), " on ", count.device());
-  const Laid x = lay_out(input, shape);
+  const Laid x = lay_out(input, shape, grad_format(input, grad_out));
   at::Tensor dx = empty_output(input.sizes(), input.options(), x.format);
   if (input.numel() == 0) return dx;
   const at::Tensor dy = grad_out.contiguous(x.format);
@@ -386,9 +418,9 @@ void register_kernels(torch::Library& m) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fused_norm, m) {
-  m.def("batch_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var,"
-        " Tensor? num_batches_tracked, bool training, float? momentum, float eps)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("batch_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
+        " Tensor(b!)? running_var, Tensor? num_batches_tracked, bool training, float? momentum, float eps)"
+        " -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean,"
         " Tensor save_invstd, bool training) -> (Tensor, Tensor, Tensor)");
   m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");

@@ -49,6 +49,10 @@ inline at::ScalarType param_dtype(const at::Tensor& input, const c10::optional<a
   if (!mixed) return x;
   const bool all_float = (!has_w || weight->scalar_type() == at::kFloat) &&
                          (!has_b || bias->scalar_type() == at::kFloat);
+  // fp16/bf16 input, a weight of its dtype and a float32 bias: torch names the mismatch.
+  TORCH_CHECK(!(is_reduced_float(x) && has_w && has_b && weight->scalar_type() == x &&
+                bias->scalar_type() == at::kFloat),
+              "expected scalar type ", x, " but found Float");
   TORCH_CHECK(is_reduced_float(x) && all_float, "mixed dtype (", device_tag(input),
               "): expect parameter to have scalar type of Float");
   return at::kFloat;

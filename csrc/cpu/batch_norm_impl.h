@@ -290,7 +290,7 @@ void nsc_moments(const NscBlocks& blocks, const T* x, double* part_mean, double*
   const RowSweep<T, A> sweep(blocks.rows, C);
   at::parallel_for(0, blocks.count, 1, [&](int64_t k0, int64_t k1) {
     std::vector<A> shift(C);
-    std::vector<S> sums(2 * C);
+    std::vector<S> sums(4 * C);  // sum d and sum d*d, then the same of d scaled
     S* sd = sums.data();
     S* sdd = sd + C;
     for (int64_t k = k0; k < k1; ++k) {
@@ -301,20 +301,35 @@ void nsc_moments(const NscBlocks& blocks, const T* x, double* part_mean, double*
         const A a = to_acc<A>(x[r0 * C + c]);
         shift[c] = std::isfinite(a) ? a : A(0);
       }
-      nsc_block_sums(blocks, sweep, k, std::array<const T*, 1>{x}, sd, sdd, [&](auto partial, int64_t c, int64_t last) {
-        constexpr bool kP = decltype(partial)::value;
-        const vec_t<A> a = load_chunk<kP>(shift.data() + c, 0, last);
-        return [=](int64_t q, vec_t<A>& t0, vec_t<A>& t1) {
-          const vec_t<A> d = load_chunk<kP>(x + q * C + c, 0, last) - a;
-          t0 += d;
-          t1 += d * d;
-        };
-      });
+      // With d times ln::kOverflowScale when scaled, as ln::runs_moments; a channel whose
+      // first sums are finite keeps them (scaled, its small squares would underflow).
+      auto sweep_sums = [&](auto scaled, S* s0, S* s1) {
+        nsc_block_sums(blocks, sweep, k, std::array<const T*, 1>{x}, s0, s1, [&](auto partial, int64_t c,
+                                                                               int64_t last) {
+          constexpr bool kP = decltype(partial)::value;
+          const vec_t<A> a = load_chunk<kP>(shift.data() + c, 0, last);
+          return [=](int64_t q, vec_t<A>& t0, vec_t<A>& t1) {
+            vec_t<A> d = load_chunk<kP>(x + q * C + c, 0, last) - a;
+            if constexpr (decltype(scaled)::value) d *= ln::kOverflowScale<A>;
+            t0 += d;
+            t1 += d * d;
+          };
+        });
+      };
+      auto finite = [&](int64_t c) { return std::isfinite(sd[c]) && std::isfinite(sdd[c]); };
+      sweep_sums(std::false_type{}, sd, sdd);
+      bool rescaled = false;
+      for (int64_t c = 0; c < C && !rescaled; ++c) rescaled = !finite(c);
+      if (rescaled) sweep_sums(std::true_type{}, sdd + C, sdd + 2 * C);  // overflowed, or non-finite data
       const double n = static_cast<double>(blocks.block_rows(k));
       for (int64_t c = 0; c < C; ++c) {
-        const double s1 = static_cast<double>(sd[c]), m2 = static_cast<double>(sdd[c]) - s1 * (s1 / n);
+        const bool scaled = !finite(c);
+        const double u = scaled ? 1 / static_cast<double>(ln::kOverflowScale<A>) : 1.0;
+        const double s = static_cast<double>(scaled ? sdd[C + c] : sd[c]), s1 = s * u;
+        const double m2 = (static_cast<double>(scaled ? sdd[2 * C + c] : sdd[c]) - s * (s / n)) * u * u;
         part_mean[k * C + c] = static_cast<double>(shift[c]) + s1 / n;
-        part_m2[k * C + c] = m2 < 0 ? 0.0 : m2;  // keeps a NaN
+        // keeps a NaN; beyond double's range (double data only): NaN, as ln::runs_moments
+        part_m2[k * C + c] = std::isinf(m2) ? std::numeric_limits<double>::quiet_NaN() : m2 < 0 ? 0.0 : m2;
       }
     }
   });

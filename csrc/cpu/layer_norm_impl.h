@@ -12,6 +12,14 @@
 
 namespace ln {
 
+// d is scaled by this power of two (exactly) in a second sweep of the shifted sums when
+// the first one overflowed the accumulation type A (float: |d| from about 1e19 on, sooner
+// than torch's Welford statistics), so that finite data keep their exact moments. Small
+// enough that no sum of scaled squares of finite A values overflows; the values it
+// flushes to zero are negligible beside the ones that overflowed.
+template <typename A>
+constexpr A kOverflowScale = sizeof(A) == 4 ? A(0x1p-100) : A(0x1p-600);
+
 // Moments of `runs` runs of n values (n, runs >= 1), run r starting at x + r * stride, in
 // one sweep of sums shifted by the first value a: with d = x - a, mean = a + sum(d) / count
 // and m2 = sum(d*d) - sum(d) * (sum(d) / count). The shift is a sample of the data, so the
@@ -20,19 +28,24 @@ namespace ln {
 // each run's mean rounded to float before the merge, float32 BatchNorm data of mean 200
 // and spread 1-2 ((4, 3, 2100), one sample at +4) gave 60x torch's error in the running
 // variance. A non-finite a would turn every d into NaN; the shift is then 0, and the
-// inf/NaN propagates as it does in torch (mean inf, variance NaN).
+// inf/NaN propagates as it does in torch (mean inf, variance NaN). Sums that overflowed
+// A are summed again with d scaled by kOverflowScale; an m2 beyond the range of
+// stat_sum_t<T> (bfloat16 data only) becomes NaN rather than an infinite variance,
+// which would make every output a plausible 0.
 // step(i) runs once per step of four vectors (i: the step's first value in its run), so
 // that a caller can interleave an elementwise pass with the sums (bn::StepStores).
 struct NoStep {
   void operator()(int64_t) const {}
 };
-template <typename T, typename Step = NoStep>
-inline Moments<stat_sum_t<T>> runs_moments(const T* x, int64_t runs, int64_t stride, int64_t n, Step&& step = {}) {
+
+// The shifted sums of runs_moments, (sum d, sum d*d) with d = x - a, times
+// kOverflowScale when kScaled.
+template <bool kScaled, typename T, typename Step>
+inline std::pair<stat_sum_t<T>, stat_sum_t<T>> shifted_sums(const T* x, int64_t runs, int64_t stride, int64_t n,
+                                                            acc_t<T> a, Step&& step) {
   using A = acc_t<T>;
   using S = stat_sum_t<T>;
   constexpr int64_t L = kLanes<A>, kPairBytes = 2 * L * static_cast<int64_t>(sizeof(T));
-  const A first = to_acc<A>(x[0]);
-  const A a = std::isfinite(first) ? first : A(0);
   const vec_t<A> av = vec_t<A>{} + a;
   // Four independent accumulators, in two pairs of vectors per step: with two, each
   // chain's add latency per pair was as long as the pair's conversions and arithmetic.
@@ -42,7 +55,8 @@ inline Moments<stat_sum_t<T>> runs_moments(const T* x, int64_t runs, int64_t str
   // forward 1.03x-1.04x; LayerNorm forward (4096, 1024), (8192, 768) 1.02x-1.06x.
   vec_t<A> s[4] = {}, q[4] = {};
   auto add = [&](int j, vec_t<A> v) {
-    const vec_t<A> d = v - av;
+    vec_t<A> d = v - av;
+    if constexpr (kScaled) d *= kOverflowScale<A>;
     s[j] += d;
     q[j] = mul_add(d, d, q[j]);
   };
@@ -72,16 +86,31 @@ inline Moments<stat_sum_t<T>> runs_moments(const T* x, int64_t runs, int64_t str
       i += L;
     }
     for (; i < n; ++i) {
-      const A d = to_acc<A>(xr[i]) - a;
+      A d = to_acc<A>(xr[i]) - a;
+      if constexpr (kScaled) d *= kOverflowScale<A>;
       s_tail += d;
       q_tail += d * d;
     }
   }
+  return {fold_lanes<A>((s[0] + s[2]) + (s[1] + s[3]), s_tail), fold_lanes<A>((q[0] + q[2]) + (q[1] + q[3]), q_tail)};
+}
+
+template <typename T, typename Step = NoStep>
+inline Moments<stat_sum_t<T>> runs_moments(const T* x, int64_t runs, int64_t stride, int64_t n, Step&& step = {}) {
+  using A = acc_t<T>;
+  using S = stat_sum_t<T>;
+  const A first = to_acc<A>(x[0]);
+  const A a = std::isfinite(first) ? first : A(0);
+  auto [sd, sq] = shifted_sums<false>(x, runs, stride, n, a, step);
+  S unscale = 1;
+  if (!(std::isfinite(sd) && std::isfinite(sq))) {  // overflowed, or non-finite data (NaN again)
+    std::tie(sd, sq) = shifted_sums<true>(x, runs, stride, n, a, NoStep{});
+    unscale = S(1) / S(kOverflowScale<A>);
+  }
   const S count = static_cast<S>(runs * n);
-  const S sd = fold_lanes<A>((s[0] + s[2]) + (s[1] + s[3]), s_tail);
-  const S sq = fold_lanes<A>((q[0] + q[2]) + (q[1] + q[3]), q_tail);
-  const S shift = sd / count, m2 = sq - sd * shift;
-  return Moments<S>{count, a + shift, m2 < 0 ? S(0) : m2};  // keeps a NaN m2
+  const S shift = sd / count, m2 = (sq - sd * shift) * unscale * unscale;
+  if (std::isinf(m2)) return Moments<S>{count, a + shift * unscale, std::numeric_limits<S>::quiet_NaN()};
+  return Moments<S>{count, a + shift * unscale, m2 < 0 ? S(0) : m2};  // keeps a NaN m2
 }
 
 // Moments of n contiguous values (n >= 1).
