@@ -31,7 +31,10 @@ for path in glob.glob("*/*.gcov"):
     if not rel.startswith("csrc/cuda/") or "/emulator/" in rel:
         continue
     for line in lines[1:]:
-        count, num = (f.strip() for f in line.split(":", 2)[:2])
+        fields = line.split(":", 2)
+        if len(fields) < 3:  # separators and headers of template instantiations
+            continue
+        count, num = fields[0].strip(), fields[1].strip()
         if count == "-" or not num.isdigit() or int(num) == 0:
             continue
         hit = not count.startswith("#####") and not count.startswith("=====")
