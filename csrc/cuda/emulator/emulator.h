@@ -32,7 +32,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
