@@ -21,6 +21,8 @@ from torch import nn
 
 import fused_norm
 from conftest import CUDA_OK, assert_close_to_reference, cpu_capabilities
+from conftest import DTYPE_IDS as ALL_DTYPE_IDS
+from conftest import DTYPES as ALL_DTYPES
 
 ops = torch.ops.fused_norm
 CL, CL3 = torch.channels_last, torch.channels_last_3d
@@ -38,14 +40,8 @@ def _dims(x):
 # The ops, in one process
 # ---------------------------------------------------------------------------------------
 
-DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-]
-DTYPE_IDS = ["fp32", "fp64", "bf16", "fp16", "bf16+fp32w"]
+# conftest's dtype pairs without fp16 + fp32 parameters.
+DTYPES, DTYPE_IDS = ALL_DTYPES[:5], ALL_DTYPE_IDS[:5]
 # Every kernel layout: (N, C), (N, C, L) planes, one channel, NCHW, channels_last,
 # NCDHW and channels_last_3d, runs longer than a block.
 SHAPES = [
