@@ -716,8 +716,6 @@ cudaError_t CUDARTAPI cudaGetLastError(void) {
   return e;
 }
 
-cudaError_t CUDARTAPI cudaPeekAtLastError(void) { return fused_norm::emu::t_last_error; }
-
 cudaError_t CUDARTAPI cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t) {
   if (count == 0) return cudaSuccess;
   if (ptr == nullptr) return fused_norm::emu::t_last_error = cudaErrorInvalidValue;
