@@ -87,7 +87,8 @@ def large():
     xg = x.requires_grad_()
     y = fused_norm.layer_norm(xg, (cols,), w)
     tail = slice(rows - 5, rows)
-    ok &= _close(y[tail], F.layer_norm(x[tail].detach(), (cols,), w.detach()), "large layer_norm y tail", torch.bfloat16)
+    ok &= _close(y[tail], F.layer_norm(x[tail].detach(), (cols,), w.detach()), "large layer_norm y tail",
+                 torch.bfloat16)
     y.backward(torch.ones_like(y))
     ok &= bool(torch.isfinite(xg.grad[tail]).all() and torch.isfinite(w.grad).all())
     del x, xg, y, w

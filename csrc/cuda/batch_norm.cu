@@ -154,8 +154,9 @@ cudaError_t launch_reduce(const ReducePlan& pl, const void* in0, const void* in1
   const T* a = static_cast<const T*>(in0);
   const T* b = static_cast<const T*>(in1);
   const cudaError_t err =
-      pl.ncs ? launch(bn_cuda::bn_reduce_ncs_kernel<T, VEC, Op>, pl.grid, pl.block, 0, stream, a, b, op, parts, pl.ncs_g)
-             : launch(bn_cuda::bn_reduce_nsc_kernel<T, VEC, Op>, pl.grid, pl.block, 0, stream, a, b, op, parts, pl.nsc_g);
+      pl.ncs
+          ? launch(bn_cuda::bn_reduce_ncs_kernel<T, VEC, Op>, pl.grid, pl.block, 0, stream, a, b, op, parts, pl.ncs_g)
+          : launch(bn_cuda::bn_reduce_nsc_kernel<T, VEC, Op>, pl.grid, pl.block, 0, stream, a, b, op, parts, pl.nsc_g);
   if (err != cudaSuccess || pl.splits <= 1) return err;
   return launch(bn_cuda::bn_finalize_kernel<Op>, pl.fin_grid, pl.fin_block, 0, stream, parts, pl.splits, C, op);
 }

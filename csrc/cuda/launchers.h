@@ -1,8 +1,8 @@
 // Entry points of the CUDA kernels, called by the binding layer. Torch-free: plain
 // parameter blocks and a stream. Each returns the launch's cudaError_t; the workspace
 // queries return theirs too (a failed SM-count query, an unsupported dtype pair or
-// sizes), so the caller can report the cause. With FN_CUDA_EMULATION the same entry points run the kernels
-// on the CPU (emulator/emulator.h).
+// sizes), so the caller can report the cause. With FN_CUDA_EMULATION the same entry
+// points run the kernels on the CPU (emulator/emulator.h).
 #pragma once
 #include <cuda_runtime_api.h>
 

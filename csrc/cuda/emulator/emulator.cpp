@@ -613,8 +613,9 @@ void* shared_static(const void* key, size_t bytes, size_t align, const Where& wh
   for (const Block::Static& s : b.statics)
     if (s.key == key) return s.mem;
   if (b.smem_bytes + bytes > b.smem_limit) {
-    fail("shared memory " + where_str(where) + ": " + std::to_string(bytes) + " more bytes exceed the block's limit of " +
-         std::to_string(b.smem_limit) + " (" + std::to_string(b.smem_bytes) + " in use)");
+    fail("shared memory " + where_str(where) + ": " + std::to_string(bytes) +
+         " more bytes exceed the block's limit of " + std::to_string(b.smem_limit) + " (" +
+         std::to_string(b.smem_bytes) + " in use)");
   }
   void* mem = nullptr;
   if (posix_memalign(&mem, std::max<size_t>(align, 16), bytes) != 0) std::abort();

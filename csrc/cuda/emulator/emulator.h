@@ -179,7 +179,8 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32,
                   const std::source_location& w = std::source_location::current()) {
   return ::fused_norm::emu::shuffle(::fused_norm::emu::WarpOp::kShflXor, mask, v, lane_mask, width, w);
 }
-inline unsigned __ballot_sync(unsigned mask, int pred, const std::source_location& w = std::source_location::current()) {
+inline unsigned __ballot_sync(unsigned mask, int pred,
+                              const std::source_location& w = std::source_location::current()) {
   unsigned out = 0;
   ::fused_norm::emu::warp_collective(::fused_norm::emu::WarpOp::kBallot, mask, nullptr, &out, sizeof(out), pred != 0,
                                      32, w);
