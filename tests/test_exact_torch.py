@@ -122,6 +122,14 @@ def _third_order(fn, x, w, b, u, v):
     return torch.autograd.grad((hx * v).sum() + hw.sum(), (x, w, b), allow_unused=True)
 
 
+def _assert_same_gradients(got, expected):
+    for a, e in zip(got, expected):
+        if e is None:  # not connected, or only through zeros
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, e)
+
+
 def _composite_layer_norm(x, w, b):
     mean = x.mean(-1, keepdim=True)
     return (x - mean) * ((x - mean).square().mean(-1, keepdim=True) + 1e-5).rsqrt() * w + b
@@ -153,11 +161,7 @@ def test_third_order_gradients(op):
     b = torch.randn(wshape, generator=g, dtype=torch.double, requires_grad=True)
     u, v = torch.randn(shape, generator=g, dtype=torch.double), torch.randn(shape, generator=g, dtype=torch.double)
     got, expected = _third_order(ours, x, w, b, u, v), _third_order(composite, x, w, b, u, v)
-    for a, e in zip(got, expected):
-        if e is None:  # not connected, or only through zeros
-            assert a is None or not a.any()
-        else:
-            torch.testing.assert_close(a, e)
+    _assert_same_gradients(got, expected)
 
 
 def test_third_order_gradients_of_eval_batch_norm_match_torch():
@@ -168,11 +172,7 @@ def test_third_order_gradients_of_eval_batch_norm_match_torch():
     u, v = torch.randn_like(x), torch.randn_like(x)
     got, expected = (_third_order(lambda x, w, b: lib.batch_norm(x, rm.clone(), rv.clone(), w, b), x, w, b, u, v)
                      for lib in (fused_norm, F))
-    for a, e in zip(got, expected):
-        if e is None:  # not connected, or only through zeros
-            assert a is None or not a.any()
-        else:
-            torch.testing.assert_close(a, e)
+    _assert_same_gradients(got, expected)
 
 
 def test_forward_over_reverse_gradgradcheck():
