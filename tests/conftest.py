@@ -146,6 +146,15 @@ def assert_close_to_reference(ours, theirs, ref, dtype, what=""):
             f"ours={ours[tuple(i)].item()} torch={theirs[tuple(i)].item()} ref={ref[tuple(i)].item()}")
 
 
+def raises_like_torch(ours, theirs):
+    """ours() raises the exception type torch's theirs() raises, with its first line."""
+    with pytest.raises(Exception) as t:
+        theirs()
+    with pytest.raises(type(t.value)) as o:
+        ours()
+    assert str(o.value).splitlines()[0] == str(t.value).splitlines()[0]
+
+
 def assert_accurate(ours, theirs, ref, dtype, what, ulps=4):
     """assert_close_to_reference, or else, where torch's kernels and ours round
     differently element by element (torch's CPU kernels sum in float in places, our CPU

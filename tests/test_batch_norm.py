@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_norm
-from conftest import DTYPE_IDS, DTYPES, assert_accurate, assert_gradients_of_every_subset, cpu_capabilities
+from conftest import DTYPE_IDS, DTYPES, assert_accurate, assert_gradients_of_every_subset, cpu_capabilities, raises_like_torch
 
 ops = torch.ops.fused_norm
 
@@ -440,14 +440,6 @@ def test_module_is_a_batchnorm_and_checkpoints_both_ways(d):
     assert list(untracked.state_dict()) == []
 
 
-def _raises_like_torch(fn_ours, fn_theirs):
-    with pytest.raises(Exception) as theirs:
-        fn_theirs()
-    with pytest.raises(type(theirs.value)) as ours:
-        fn_ours()
-    assert str(ours.value).splitlines()[0] == str(theirs.value).splitlines()[0]
-
-
 def _bad_args():
     x = torch.randn(4, 3, 5)
     c3, c4 = torch.ones(3), torch.ones(4)
@@ -468,19 +460,19 @@ def _bad_args():
 @pytest.mark.parametrize("case", range(len(_bad_args())))
 def test_errors_like_torch(case):
     args, kwargs = _bad_args()[case]
-    _raises_like_torch(lambda: fused_norm.batch_norm(*args, **kwargs), lambda: F.batch_norm(*args, **kwargs))
+    raises_like_torch(lambda: fused_norm.batch_norm(*args, **kwargs), lambda: F.batch_norm(*args, **kwargs))
 
 
 @pytest.mark.parametrize("d,ndim", [(1, 1), (1, 4), (2, 3), (2, 5), (3, 4), (3, 6)])
 def test_module_dimension_errors(d, ndim):
     x = torch.randn((2, 3, 2, 2, 2, 2)[:ndim])
-    _raises_like_torch(lambda: getattr(fused_norm, f"FusedBatchNorm{d}d")(3)(x),
+    raises_like_torch(lambda: getattr(fused_norm, f"FusedBatchNorm{d}d")(3)(x),
                        lambda: getattr(nn, f"BatchNorm{d}d")(3)(x))
 
 
 def test_batch_of_one_module_error():
     x = torch.randn(1, 3)
-    _raises_like_torch(lambda: fused_norm.FusedBatchNorm1d(3)(x), lambda: nn.BatchNorm1d(3)(x))
+    raises_like_torch(lambda: fused_norm.FusedBatchNorm1d(3)(x), lambda: nn.BatchNorm1d(3)(x))
     fused_norm.FusedBatchNorm1d(3).eval()(x)  # fine in eval
 
 
@@ -500,7 +492,7 @@ def test_mixed_dtypes_like_torch(xdt, training):
             try:
                 expected = F.batch_norm(*args)
             except RuntimeError:
-                _raises_like_torch(lambda: fused_norm.batch_norm(*args), lambda: F.batch_norm(*args))
+                raises_like_torch(lambda: fused_norm.batch_norm(*args), lambda: F.batch_norm(*args))
                 continue
             got = fused_norm.batch_norm(*args)
             assert got.dtype == expected.dtype

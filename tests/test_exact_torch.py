@@ -14,29 +14,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import fused_norm
-from conftest import count_fused_calls
-
-
-def _raises_like_torch(ours, theirs):
-    """ours() raises the exception type torch's theirs() raises, with its first line."""
-    with pytest.raises(Exception) as t:
-        theirs()
-    with pytest.raises(type(t.value)) as o:
-        ours()
-    assert str(o.value).splitlines()[0] == str(t.value).splitlines()[0]
+from conftest import count_fused_calls, raises_like_torch
 
 
 # --- meta arguments -------------------------------------------------------------------
 
 
-def test_meta_weight_raises_like_torch():
+def test_meta_weightraises_like_torch():
     x = torch.randn(4, 8)
     meta = torch.ones(8, device="meta")
-    _raises_like_torch(lambda: fused_norm.layer_norm(x, (8,), meta), lambda: F.layer_norm(x, (8,), meta))
-    _raises_like_torch(lambda: fused_norm.layer_norm(x, (8,), None, meta), lambda: F.layer_norm(x, (8,), None, meta))
+    raises_like_torch(lambda: fused_norm.layer_norm(x, (8,), meta), lambda: F.layer_norm(x, (8,), meta))
+    raises_like_torch(lambda: fused_norm.layer_norm(x, (8,), None, meta), lambda: F.layer_norm(x, (8,), None, meta))
     xm = x.to("meta")
     w = torch.ones(8)
-    _raises_like_torch(lambda: fused_norm.layer_norm(xm, (8,), w), lambda: F.layer_norm(xm, (8,), w))
+    raises_like_torch(lambda: fused_norm.layer_norm(xm, (8,), w), lambda: F.layer_norm(xm, (8,), w))
     # All on meta: shapes only, as torch.
     assert fused_norm.layer_norm(xm, (8,), meta, meta).shape == (4, 8)
 
@@ -197,11 +188,11 @@ def test_forward_over_reverse_gradgradcheck():
 def test_batch_norm_eps_checks(training, eps):
     x = torch.randn(4, 3)
     stats = lambda: (torch.zeros(3), torch.ones(3))  # noqa: E731
-    _raises_like_torch(lambda: fused_norm.batch_norm(x, *stats(), training=training, eps=eps),
+    raises_like_torch(lambda: fused_norm.batch_norm(x, *stats(), training=training, eps=eps),
                        lambda: F.batch_norm(x, *stats(), training=training, eps=eps))
     ours, theirs = fused_norm.FusedBatchNorm1d(3, eps=eps), nn.BatchNorm1d(3, eps=eps)
     ours.train(training), theirs.train(training)
-    _raises_like_torch(lambda: ours(x), lambda: theirs(x))
+    raises_like_torch(lambda: ours(x), lambda: theirs(x))
     # eval with eps = 0 is fine in torch
     torch.testing.assert_close(fused_norm.batch_norm(x, *stats(), eps=0.0), F.batch_norm(x, *stats(), eps=0.0))
 
@@ -247,7 +238,7 @@ def test_cumulative_average_with_any_counter_dtype(dtype):
 
 def test_functional_momentum_none_is_a_type_error():
     x = torch.randn(4, 3)
-    _raises_like_torch(lambda: fused_norm.batch_norm(x, torch.zeros(3), torch.ones(3), training=True, momentum=None),
+    raises_like_torch(lambda: fused_norm.batch_norm(x, torch.zeros(3), torch.ones(3), training=True, momentum=None),
                        lambda: F.batch_norm(x, torch.zeros(3), torch.ones(3), training=True, momentum=None))
 
 
@@ -276,7 +267,7 @@ def test_running_stats_with_forward_grad_are_refused_like_torch():
             try:
                 expected = call(F.batch_norm)
             except RuntimeError:
-                _raises_like_torch(lambda: call(fused_norm.batch_norm), lambda: call(F.batch_norm))
+                raises_like_torch(lambda: call(fused_norm.batch_norm), lambda: call(F.batch_norm))
                 continue
             got = call(fused_norm.batch_norm)
             if expected is None:
@@ -409,7 +400,7 @@ def _bad_layer_norm_calls():
 @pytest.mark.parametrize("case", range(len(_bad_layer_norm_calls())))
 def test_layer_norm_argument_errors_like_torch(case):
     args, kwargs = _bad_layer_norm_calls()[case]
-    _raises_like_torch(lambda: fused_norm.layer_norm(*args, **kwargs), lambda: F.layer_norm(*args, **kwargs))
+    raises_like_torch(lambda: fused_norm.layer_norm(*args, **kwargs), lambda: F.layer_norm(*args, **kwargs))
 
 
 def _bad_batch_norm_calls():
