@@ -1,6 +1,10 @@
 """Build fused_norm against the torch already installed.
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation .        # or -e . for a development install
+
+The extension is compiled against the torch it will run with, so torch must be installed
+first and the build must see it (--no-build-isolation). Objects are kept in
+build/obj/<configuration>/ and only what changed is recompiled, whichever command builds.
 
 The CPU kernels are always built. The CUDA kernels are built too when torch is a
 CUDA build and a CUDA toolkit is found, whether or not a GPU is present.
@@ -29,6 +33,16 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+try:
+    import torch
+except ImportError:
+    sys.exit(
+        "fused_norm: torch is not importable in this build environment.\n"
+        "fused_norm's C++/CUDA extension is compiled against the exact torch it will run with, so:\n"
+        "  1. install torch first (https://pytorch.org/get-started/locally/), then\n"
+        "  2. pip install --no-build-isolation .   (or -e . for a development install)\n"
+        "A plain `pip install .` builds in an isolated environment without your torch.")
 DEFAULT_ARCH_LIST = "8.0;9.0;10.0+PTX"
 
 
@@ -71,8 +85,6 @@ def env_flag(name):
 
 
 def want_cuda():
-    import torch
-
     flag = os.environ.get("FUSED_NORM_CUDA", "").strip().lower()
     if flag in ("0", "off", "false", "no"):
         return None
@@ -100,11 +112,43 @@ if cuda_home:
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
+
+def configuration():
+    """Names the build configuration: its objects live in build/obj/<this>/."""
+    kind = "cuda" if cuda_home else "emulation" if emulation_home else "cpu"
+    extras = [f for f in ("SANITIZE", "COVERAGE") if env_flag("FUSED_NORM_" + f)]
+    return "-".join([sys.implementation.cache_tag, "torch" + torch.__version__.replace("+", "_"), kind]
+                    + [e.lower() for e in extras])
+
+
+class Build(BuildExtension):
+    """torch's BuildExtension (ninja) with objects kept in one place per configuration:
+    pip's editable and regular installs otherwise compile in a fresh temporary directory
+    each time, so nothing would be reused."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "obj", configuration())
+
+    def build_extensions(self):
+        what = ["CPU kernels (baseline, AVX2, AVX-512, AVX-512-BF16 variants, chosen at run time)"]
+        if cuda_home:
+            what.append("CUDA kernels for " + os.environ["TORCH_CUDA_ARCH_LIST"] + " (nvcc from " + cuda_home + ")")
+        if emulation_home:
+            what.append("CUDA kernels for the CPU emulator (headers from " + emulation_home + ")")
+        print(f"fused_norm: compiling {' and '.join(what)} against torch {torch.__version__}; objects in "
+              f"{os.path.relpath(self.build_temp, ROOT)} (only changed sources are recompiled)", flush=True)
+        super().build_extensions()
+
 # No FMA contraction: every ISA build rounds the same way (and dx is exactly 0 where it should be).
 # -Wno-psabi: vector values (as wide as the ISA's registers) only cross inline functions inside one ISA build.
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi"]
 link_flags = ["-fopenmp"]
 sources = sorted(glob.glob("csrc/bindings/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+# setuptools skips the extension when no source is newer than the built library; the headers
+# count too (ninja then recompiles exactly the objects that include what changed).
+headers = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True)
+                 + glob.glob("csrc/cuda/*.cu"))  # the .cu files are included by the emulation build
 if emulation_home:
     # The .cu files compiled by the host compiler against the emulator, with the half and
     # bfloat16 headers configured as torch's nvcc builds configure them.
@@ -124,6 +168,7 @@ if cuda_home:
     extension = CUDAExtension(
         "fused_norm._C",
         sources,
+        depends=headers,
         define_macros=[("FUSED_NORM_WITH_CUDA", "1")],
         extra_compile_args={
             "cxx": cxx_flags,
@@ -133,19 +178,14 @@ if cuda_home:
     )
 else:
     extension = CppExtension(
-        "fused_norm._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+        "fused_norm._C", sources, depends=headers, extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags)
 
-what = " and CUDA kernels (CUDA_HOME=" + cuda_home + ")" if cuda_home else ""
-what += " and emulated CUDA kernels (headers from " + emulation_home + ")" if emulation_home else ""
-print("fused_norm: building CPU kernels" + what)
-
+# The metadata is in pyproject.toml. The extension only loads into the torch release it was
+# compiled against (torch's C++ API is not stable across releases): say so in the requirements.
+torch_release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
 setup(
-    name="fused_norm",
-    version="0.1.0",
-    description="Fused LayerNorm and BatchNorm kernels for PyTorch (CPU and CUDA), compile-ready drop-ins",
-    packages=["fused_norm"],
     ext_modules=[extension],
-    cmdclass={"build_ext": BuildExtension},
-    python_requires=">=3.9",
-    install_requires=["torch"],
+    cmdclass={"build_ext": Build},
+    install_requires=[f"torch=={torch_release}.*"],
 )
