@@ -5,6 +5,7 @@
 # bindings abort the run with a report. The build goes to build/sanitized (the regular
 # in-place build is left alone) and is incremental. Needs the CUDA toolkit's headers
 # (CUDA_HOME), not a GPU. Extra arguments go to pytest.
+case " $* " in *" -h "* | *" --help "*) sed -n '2,/^set -/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac  # no build for --help
 set -euo pipefail
 source "$(dirname "$0")/../.ci/bootstrap.sh" --no-build
 cd "$_fn_root"
@@ -12,7 +13,7 @@ out=$_fn_root/build/sanitized
 mkdir -p "$out"
 echo "fused_norm: building the sanitized emulation build in $out" >&2
 FUSED_NORM_CUDA_EMULATION=1 FUSED_NORM_SANITIZE=1 FUSED_NORM_CUDA=0 "$PY" setup.py -q build_ext \
-  --build-lib "$out" --build-temp "$out/temp" >"$out.log" 2>&1 || {
+  --build-lib "$out" >"$out.log" 2>&1 || {
   tail -50 "$out.log" >&2
   echo "fused_norm: sanitized build failed, full log in $out.log" >&2
   exit 1

@@ -4,13 +4,14 @@
 # so not part of CI), runs tests/test_cuda_emulation.py against it and prints, per file,
 # the lines executed (gcov's executable lines, merged over the two emulated translation
 # units) and the lines never reached. Extra arguments go to pytest.
+case " $* " in *" -h "* | *" --help "*) sed -n '2,/^set -/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac  # no build for --help
 set -euo pipefail
 source "$(dirname "$0")/../../.ci/bootstrap.sh" --no-build
 cd "$_fn_root"
 out=$_fn_root/build/coverage
 mkdir -p "$out"
 FUSED_NORM_CUDA_EMULATION=1 FUSED_NORM_COVERAGE=1 FUSED_NORM_CUDA=0 "$PY" setup.py -q build_ext \
-  --build-lib "$out" --build-temp "$out/temp" >"$out.log" 2>&1 || { tail -50 "$out.log" >&2; exit 1; }
+  --build-lib "$out" >"$out.log" 2>&1 || { tail -50 "$out.log" >&2; exit 1; }
 cp fused_norm/*.py "$out/fused_norm/"
 find "$out/temp" -name "*.gcda" -delete
 (cd "$out" && "$PY" -m pytest "$_fn_root/tests/test_cuda_emulation.py" -q -p no:cacheprovider "$@")
