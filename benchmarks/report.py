@@ -337,7 +337,8 @@ def markdown(run: dict) -> str:
     for sweep, records in by_sweep.items():
         info = run["sweeps"][sweep]
         wall = sum(r.get("wall_s", 0) for r in records)
-        out += [f"## {sweep_name(sweep)} (`{sweep}`)", "", f"{info['description']}. {len(records)} cases, "
+        name = sweep_name(sweep)
+        out += [f"## {name[0].upper()}{name[1:]}: `{sweep}`", "", f"{info['description']}. {len(records)} cases, "
                 f"{wall:.0f} s.", ""]
         shown = _measured_peers(records, peers)
         head = ["shape", "op", "dtype", "fused_norm", "GB/s"] + ([] if cpu else ["% peak"]) + ["% copy"]
@@ -541,7 +542,7 @@ def _plot_sweep(plt, run, sweep, op, dtype, records, path: Path) -> bool:
     ax.set_xlim(-0.6, n - 0.4)
     ax.set_xlabel(x_axis_name(run["sweeps"][sweep], records))
     ax.set_ylabel("GB/s, higher is better")
-    ax.set_ylim(0, max(tops) * 1.12)
+    ax.set_ylim(0, max(*tops, peak or 0) * 1.12)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     _header(ax, f"{op_name(op, run)}, {dtype_name(dtype)}, {sweep_name(sweep)}", env)
@@ -571,9 +572,13 @@ def _plot_speedups(plt, run: dict, path: Path) -> bool:
     dtypes = list(dict.fromkeys(r["dtype"] for r in results))
     all_sweeps = list(dict.fromkeys(r["sweep"] for r in results))
     height = 0.8 / len(dtypes)
-    fig, axes = plt.subplots(1, len(peers), sharey=True, squeeze=False,
-                             figsize=(2.0 + 3.6 * len(peers), 1.4 + 0.32 * len(ops) * len(dtypes)))
-    for ax, peer in zip(axes[0], peers):
+    cols = min(3, len(peers))
+    rows = -(-len(peers) // cols)
+    fig, axes = plt.subplots(rows, cols, sharey=True, squeeze=False,
+                             figsize=(2.0 + 3.6 * cols, (1.4 + 0.32 * len(ops) * len(dtypes)) * rows))
+    for ax in axes.flat[len(peers):]:
+        ax.remove()
+    for ax, peer in zip(axes.flat, peers):
         compared = [r for r in results if peer in r.get("speedup", {})]
         right = 1.0
         for d, dtype in enumerate(dtypes):
@@ -592,7 +597,8 @@ def _plot_speedups(plt, run: dict, path: Path) -> bool:
                                 textcoords="offset points", va="center", fontsize=7, color="dimgray")
                 right = max(right, g)
         ax.axvline(1.0, color="black", linewidth=1.0)
-        ax.set_xlim(0, right * 1.6)
+        ax.set_xlim(0, right * 2.0)  # room for the numbers right of the longest bar
+        ax.tick_params(axis="y", labelsize=8.5)
         sweeps = list(dict.fromkeys(r["sweep"] for r in compared))
         where = "" if sweeps == all_sweeps else f"\nmeasured in {', '.join(sweep_name(s) for s in sweeps)} only"
         ax.set_title(f"over {labels[peer]} ({len(compared)} cases){where}", fontsize=9.5)
@@ -600,13 +606,15 @@ def _plot_speedups(plt, run: dict, path: Path) -> bool:
         ax.grid(axis="x", alpha=0.3)
         ax.set_axisbelow(True)
     axes[0][0].set_yticks(range(len(ops)))
-    axes[0][0].set_yticklabels([op_name(op, run) for op in ops], fontsize=8.5)
+    axes[0][0].set_yticklabels([op_name(op, run) for op in ops])
     axes[0][0].invert_yaxis()
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    if rows > 1:
+        fig.subplots_adjust(hspace=0.3)
     _side_note(axes[0][-1], "Bars: geometric mean of fused_norm's speedups over the cases of each op and "
                             "dtype; in parentheses: the slowest and the fastest case. Right of the line at "
                             "1.0, fused_norm is faster: higher is better.")
-    title_lines = max(1 + ("\n" in ax.get_title()) for ax in axes[0])
+    title_lines = max(1 + ("\n" in ax.get_title()) for ax in axes[0] if ax.figure)
     _header(axes[0][0], "fused_norm speedup per op and dtype (higher is better)", env,
             above=10 + 9.5 * 1.3 * title_lines)
     fig.savefig(path, dpi=110, bbox_inches="tight")
