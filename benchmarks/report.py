@@ -324,8 +324,10 @@ def markdown(run: dict) -> str:
         f"Times are medians. {run['settings']['timing']}.",
         "x peer = peer time / fused_norm time (above 1: fused_norm is faster).",
         "GB/s = bytes counted / median time; % copy = fused_norm GB/s relative to a copy of x "
-        "(same size, same device, same run)" + ("" if cpu else "; % peak = relative to the device's peak "
-                                                  "bandwidth (2 x memory clock x bus width)") + ".",
+        "(same size, same device, same run: the memory-bandwidth reference)" + (
+            "" if cpu else "; % peak = relative to the device's peak bandwidth (2 x memory clock x bus width)")
+        + ". Over 100% copy is possible: inputs that fit in cache, and bytes counted twice (an op that reads "
+        "x twice, the second time from cache), beat the copy's rate.",
         run["bytes_counted"],
     )]
     out += [f"- {note}" for note in run["notes"]] + [""]
