@@ -11,9 +11,11 @@ training forward+backward and eval forward over shape sweeps (cases.py), next to
 torch.compile and, where importable, apex, Liger-Kernel and QuACK (impls.py). Reports the
 median time, GB/s over the bytes each case must move, % of the device's peak bandwidth (GPU),
 % of a same-size copy measured in the same run, and the speedup over each peer; on CPU also
-the speedup targets over torch eager. Writes results.md, results.json and PNG plots to
-benchmarks/results/<device>/ (--out), and prints the markdown. A case that fails is recorded
-with its error and the run goes on.
+the speedup targets over torch eager. Writes results.md (the run's conditions first), results.json
+and PNG plots (a speedup summary, and GB/s per shape for each sweep, op and dtype) to a new folder
+benchmarks/out/<device>-<date>-<time>/ (git-ignored), prints the markdown and where it went. The
+committed reference results under benchmarks/results/ change only when named with --out. A case
+that fails is recorded with its error and the run goes on.
 """
 
 from __future__ import annotations
@@ -29,11 +31,17 @@ from pathlib import Path
 import torch
 
 import cases
-import impls
 import report
 from timing import CpuTimer, CudaTimer
 
-RESULTS = Path(__file__).resolve().parent / "results"
+try:
+    import impls
+except ImportError as e:  # fused_norm is not built: --help and --list still answer, a run stops in main
+    impls, IMPLS_ERROR = None, e
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"  # default: a new folder per run, git-ignored
+RESULTS = HERE / "results"  # the committed reference runs: written only when --out names them
 # Time budgets per case (CPU: all implementations together) or per implementation (CUDA), seconds.
 BUDGET_S = {"cpu": 1.0, "cuda": 0.25}
 DEFAULT_REPS = {"cpu": 50, "cuda": 100}
@@ -63,8 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtypes", type=_csv(cases.DTYPES), help="comma list of fp32, bf16, fp16 "
                    "(default: fp32,bf16 on CPU, all three on CUDA)")
     p.add_argument("--sweeps", help="comma list of sweep names (default: all of the device's; see --list)")
-    p.add_argument("--peers", type=_csv(impls.PEERS, {"none": []}),
-                   help=f"comma list of {', '.join(impls.PEERS)}, or none (default: all; --quick: torch)")
+    peers = f"comma list of {', '.join(impls.PEERS)}, or none" if impls else "comma list of peers, or none"
+    p.add_argument("--peers", type=_csv(impls.PEERS, {"none": []}) if impls else str,
+                   help=f"{peers} (default: all; --quick: torch)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--compile-all", action="store_true",
                    help="on CPU, measure torch.compile in every sweep (default: target cases only, as "
@@ -74,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "CUDA implementation)")
     p.add_argument("--cuda-graph", action="store_true", help="CUDA: replay each call from a CUDA graph")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (one small shape per kind, 5 reps)")
-    p.add_argument("--out", type=Path, help="output directory (default: benchmarks/results/<device-slug>/)")
+    p.add_argument("--out", type=Path, help="output directory (default: a new benchmarks/out/<device>-<UTC date>-"
+                   "<time>/; --out benchmarks/results/<device> replaces the committed reference results)")
     p.add_argument("--list", action="store_true", help="print the sweeps and ops and exit")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
@@ -89,6 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--sweeps: {e} (on {args.device.type}{' with --quick' if args.quick else ''})")
     args.sweeps = [available[name] for name in sweeps]
     args.dtypes = args.dtypes or list(cases.DEFAULT_DTYPES[args.device.type])
+    if impls is None:
+        if args.list:
+            return args
+        p.error(f"fused_norm does not import ({IMPLS_ERROR}): build it first (bash benchmarks/run.sh builds it)")
     if args.peers is None:
         args.peers = ["torch"] if args.quick else list(impls.PEERS)
     if args.no_compile and "compile" in args.peers:
@@ -292,8 +306,11 @@ def main(argv=None) -> int:
     if args.device.type == "cuda":
         torch.cuda.set_device(args.device)
     env = report.environment(args.device)
-    outdir = args.out or RESULTS / (report.device_slug(env) + ("-quick" if args.quick else ""))
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    outdir = args.out or OUT / f"{report.device_slug(env)}{'-quick' if args.quick else ''}-{stamp}"
     outdir.mkdir(parents=True, exist_ok=True)
+    if outdir.resolve().is_relative_to(RESULTS):
+        print(f"note: writing into the committed reference results {outdir}", file=sys.stderr)
     requested = [cases.OPS[name] for name in args.ops]
     runner = Runner(args, env)
     notes = runner.notes(requested) + report.optional_modules_note()
@@ -310,9 +327,8 @@ def main(argv=None) -> int:
         results.append(runner.run(case))
     elapsed = time.perf_counter() - started
     env["others_cpu_share"] = contention.others_share()
-    if args.device.type == "cpu" and (env["others_cpu_share"] or 0) > 0.1:
-        notes.insert(0, f"WARNING: other processes used {100 * env['others_cpu_share']:.0f}% of this machine's "
-                        "CPU time during the run: the CPU timings are disturbed; rerun on an idle machine.")
+    if report.disturbed(env):
+        print(f"WARNING: {report.disturbed(env)}. Rerun on an idle machine.", file=sys.stderr)
 
     run = {
         "environment": env,
@@ -322,6 +338,7 @@ def main(argv=None) -> int:
                      "timing": runner.timer.describe(), "elapsed_s": round(elapsed, 1)},
         "notes": notes + [f"{len(all_cases)} cases in {elapsed:.0f} s."],
         "bytes_counted": cases.BYTES_NOTE,
+        "ops": {op.name: op.description for op in requested},
         "implementations": {impl.name: {"label": impl.label, "version": impl.version(),
                                         "unavailable": {n: runner.unavailable(impl, n) for n in ("ln", "bn")}}
                             for impl in runner.impls},
@@ -329,17 +346,9 @@ def main(argv=None) -> int:
                             "shapes": [s_.text for s_ in s.shapes]} for s in args.sweeps},
         "results": results,
     }
-    try:
-        plots = report.plot(run, outdir)
-    except ImportError:
-        plots = []
-    run["plots"] = plots
-    text = report.markdown(run)
-    (outdir / "results.md").write_text(text + "\n")
-    report.write_json(run, outdir / "results.json")
-    print(text)
-    print(f"wrote {outdir / 'results.md'}, {outdir / 'results.json'} and {len(plots)} plots "
-          f"in {elapsed:.0f} s", file=sys.stderr)
+    print(report.write(run, outdir))
+    print(f"{len(all_cases)} cases in {elapsed:.0f} s; results in {outdir}/: results.md, results.json and "
+          f"{len(run['plots'])} plots", file=sys.stderr)
     return 0
 
 

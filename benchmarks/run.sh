@@ -3,7 +3,17 @@
 # present (CUDA when available, else CPU). Extra arguments go to benchmarks/bench.py, e.g.
 #   bash benchmarks/run.sh --quick          # smoke run
 #   bash benchmarks/run.sh --help           # sweeps, ops, dtypes, peers, output directory
+# Results go to a new folder benchmarks/out/<device>-<date>-<time>/ unless --out names one.
 set -euo pipefail
+# --help and --list only describe the benchmark: they never build.
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help|--list)
+      source "$(dirname "$0")/../.ci/bootstrap.sh" --no-build
+      cd "$_fn_root"
+      exec "$PY" benchmarks/bench.py "$@" ;;
+  esac
+done
 source "$(dirname "$0")/../.ci/bootstrap.sh"
 cd "$_fn_root"
 # Plots and the progress bar need matplotlib and tqdm; the benchmark runs without them (offline).
