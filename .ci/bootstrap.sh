@@ -50,9 +50,10 @@ _fn_stamp=$(cd "$_fn_root" && {
   echo "$PY"; "$PY" -c "import importlib.metadata as m; print(m.version('torch'))"
   env | grep -E '^(FUSED_NORM_(CUDA|CUDA_EMULATION|SANITIZE|COVERAGE)|CUDA_HOME|CUDA_PATH|TORCH_CUDA_ARCH_LIST|CXX|CC)=' | sort
   find setup.py pyproject.toml csrc -type f -print0 | sort -z | xargs -0 sha1sum
-  ls fused_norm/_C*.so 2>/dev/null
 } | sha1sum)
-if [ -n "$(ls "$_fn_root"/fused_norm/_C*.so 2>/dev/null)" ] && [ "$(cat "$_fn_root/build/bootstrap.stamp" 2>/dev/null)" = "$_fn_stamp" ]; then
+# ... and the library is the one that build made (not one another build put in its place).
+_fn_library() { stat -c '%n %s %Y' "$_fn_root"/fused_norm/_C*.so 2>/dev/null || true; }
+if [ "$(cat "$_fn_root/build/bootstrap.stamp" 2>/dev/null)" = "$_fn_stamp $(_fn_library)" ]; then
   echo "fused_norm: up to date (no source or build setting changed since the last build)" >&2
   return 0
 fi
@@ -70,7 +71,7 @@ echo "fused_norm: building against $("$PY" -c 'import torch; print("torch", torc
   echo "fused_norm: build failed, full log in build.log" >&2
   exit 1
 }
-mkdir -p "$_fn_root/build" && echo "$_fn_stamp" >"$_fn_root/build/bootstrap.stamp"
+mkdir -p "$_fn_root/build" && echo "$_fn_stamp $(_fn_library)" >"$_fn_root/build/bootstrap.stamp"
 "$PY" - >&2 <<'PYEOF'
 import torch
 import fused_norm
