@@ -1,17 +1,18 @@
-"""convert_model: switch the LayerNorm / BatchNorm layers of an existing model to
+"""convert_model: switch the LayerNorm / RMSNorm / BatchNorm layers of an existing model to
 fused_norm's modules, in place."""
 
 import warnings
 
 from torch import nn
 
-from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedLayerNorm
+from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedLayerNorm, FusedRMSNorm
 
 # Exact torch class -> fused class. Each fused class subclasses its torch class and only
 # overrides forward: an instance of the torch class has every attribute the fused class
 # needs, so changing the instance's class is the whole conversion.
 _FUSED = {
     nn.LayerNorm: FusedLayerNorm,
+    nn.RMSNorm: FusedRMSNorm,
     nn.BatchNorm1d: FusedBatchNorm1d,
     nn.BatchNorm2d: FusedBatchNorm2d,
     nn.BatchNorm3d: FusedBatchNorm3d,
@@ -19,11 +20,11 @@ _FUSED = {
 
 
 def convert_model(model: nn.Module) -> nn.Module:
-    r"""Makes every :class:`torch.nn.LayerNorm` and :class:`torch.nn.BatchNorm1d` /
+    r"""Makes every :class:`torch.nn.LayerNorm`, :class:`torch.nn.RMSNorm` and :class:`torch.nn.BatchNorm1d` /
     ``BatchNorm2d`` / ``BatchNorm3d`` in ``model`` (``model`` itself included, at any
     depth, shared modules once) run fused_norm's kernels, in place, and returns ``model``.
 
-    Each such module becomes an instance of :class:`FusedLayerNorm` /
+    Each such module becomes an instance of :class:`FusedLayerNorm` / :class:`FusedRMSNorm` /
     :class:`FusedBatchNorm1d` / ``2d`` / ``3d`` by changing its class; the object itself
     is kept. So everything about it stays as it was: its options (``eps``, ``momentum``
     including ``None``, ``affine`` / ``elementwise_affine``, ``bias``,
