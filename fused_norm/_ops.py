@@ -236,7 +236,7 @@ def _layer_norm_bwd_vmap(info, in_dims, grad_out, input, normalized_shape, mean,
 @torch.library.register_fake("fused_norm::rms_norm_fwd")
 def _rms_norm_fwd_fake(input, normalized_shape, weight, eps, weight_offset=0.0, round_xhat=False):
     y, _, rstd = _layer_norm_fwd_fake(input, normalized_shape, weight, None, eps, shape_sep="")  # torch's message
-    if not input.is_contiguous() and torch._prims_common.is_non_overlapping_and_dense(input):
+    if not input.is_contiguous() and torch._prims_common.is_non_overlapping_and_dense_or_false(input):
         y = torch.empty_like(input)  # keeps a dense input's strides, as torch's rms_norm (the C++ op)
     return y, rstd
 

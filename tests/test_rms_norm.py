@@ -218,6 +218,9 @@ def test_opcheck(device, dtype, wdtype, offset, round_xhat):
     w.requires_grad_()
     torch.library.opcheck(ops.rms_norm_fwd, (x, [4, 40], w, 1e-5, offset, round_xhat))
     torch.library.opcheck(ops.rms_norm_fwd, (x, [40], None, 1e-5))
+    # a dense permuted input: y keeps its strides (as torch's), in the fake kernel too
+    torch.library.opcheck(ops.rms_norm_fwd, (x.transpose(0, 1), [40], w[0], 1e-5))
+    torch.library.opcheck(ops.rms_norm_fwd, (x.transpose(1, 2), [4], None, 1e-5))
     _, rstd = ops.rms_norm_fwd(x, [4, 40], w, 1e-5, offset, round_xhat)
     torch.library.opcheck(ops.rms_norm_bwd, (dy, x.detach(), [4, 40], rstd, w, offset))
 
