@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:index] (default: cuda when available)")
     p.add_argument("--ops", type=_csv(cases.OPS, {**cases.OP_ALIASES, "all": list(cases.OPS)}),
-                   default=list(cases.OPS), help=f"comma list of {', '.join(cases.OPS)}, or ln, bn, all")
+                   default=list(cases.OPS), help=f"comma list of {', '.join(cases.OPS)}, or ln, rms, bn, all")
     p.add_argument("--dtypes", type=_csv(cases.DTYPES), help="comma list of fp32, bf16, fp16 "
                    "(default: fp32,bf16 on CPU, all three on CUDA)")
     p.add_argument("--sweeps", help="comma list of sweep names (default: all of the device's; see --list)")
