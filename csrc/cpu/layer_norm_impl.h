@@ -40,8 +40,9 @@ struct NoStep {
 };
 
 // The shifted sums of runs_moments, (sum d, sum d*d) with d = x - a, times
-// kOverflowScale when kScaled.
-template <bool kScaled, typename T, typename Step>
+// kOverflowScale when kScaled. Without kLinear, only sum x*x (a must be 0; the first sum
+// is returned as 0): RMSNorm's statistics, without the subtractions and additions of d.
+template <bool kScaled, bool kLinear = true, typename T, typename Step>
 inline std::pair<stat_sum_t<T>, stat_sum_t<T>> shifted_sums(const T* x, int64_t runs, int64_t stride, int64_t n,
                                                             acc_t<T> a, Step&& step) {
   using A = acc_t<T>;
@@ -56,9 +57,10 @@ inline std::pair<stat_sum_t<T>, stat_sum_t<T>> shifted_sums(const T* x, int64_t 
   // forward 1.03x-1.04x; LayerNorm forward (4096, 1024), (8192, 768) 1.02x-1.06x.
   vec_t<A> s[4] = {}, q[4] = {};
   auto add = [&](int j, vec_t<A> v) {
-    vec_t<A> d = v - av;
+    vec_t<A> d = v;
+    if constexpr (kLinear) d -= av;
     if constexpr (kScaled) d *= kOverflowScale<A>;
-    s[j] += d;
+    if constexpr (kLinear) s[j] += d;
     q[j] = mul_add(d, d, q[j]);
   };
   A s_tail = 0, q_tail = 0;
@@ -224,7 +226,7 @@ void forward(const LayerNormFwdParams& p) {
       if (p.rms) {
         // Mean square in stat_sum_t, as torch's float32 mean of x^2 but without its
         // rounding of each square: an overflowing sum gives rstd 0, as torch's.
-        const stat_sum_t<T> sq = shifted_sums<false>(xr, 1, 0, cols, A(0), NoStep{}).second;
+        const stat_sum_t<T> sq = shifted_sums<false, false>(xr, 1, 0, cols, A(0), NoStep{}).second;
         rstd = static_cast<A>(fn_rsqrt(sq / static_cast<stat_sum_t<T>>(cols) + static_cast<stat_sum_t<T>>(p.eps)));
       } else {
         Moments<stat_sum_t<T>> m = moments_empty<stat_sum_t<T>>();
@@ -241,11 +243,11 @@ void forward(const LayerNormFwdParams& p) {
 }
 
 // sum(g) and sum(g * (x - mean)) over a row in one sweep, g = dy * w (dy when w is null),
-// and (kPartial) dy*xhat and dy added to the partial dweight/dbias rows. The partial rows
+// and (kPartial) dy*xhat and (kBias) dy added to the partial dweight/dbias rows. The partial rows
 // are updated in this load-only sweep rather than in the dx sweep: next to the dx stores,
 // their read-modify-write made the backward 1.1-2x slower (float32 768 columns, 43 to
 // 11000 rows, AVX-512 Intel Xeon, cached stores).
-template <bool kPartial, typename T, typename A>
+template <bool kPartial, bool kBias = true, typename T, typename A>
 inline void grad_sums(const T* __restrict x, const T* __restrict dy, const A* __restrict w, int64_t n, A mean,
                       A rstd, A* __restrict pw, A* __restrict pb, A& sum_g, A& sum_gx) {
   constexpr int64_t L = kLanes<A>;
@@ -259,7 +261,7 @@ inline void grad_sums(const T* __restrict x, const T* __restrict dy, const A* __
     acc_gx += g * xc;
     if constexpr (kPartial) {
       store_vec(pw + i, loadu(pw + i) + d * (xc * rstd));
-      store_vec(pb + i, loadu(pb + i) + d);
+      if constexpr (kBias) store_vec(pb + i, loadu(pb + i) + d);
     }
   }
   A tail_g = 0, tail_gx = 0;
@@ -271,7 +273,7 @@ inline void grad_sums(const T* __restrict x, const T* __restrict dy, const A* __
     tail_gx += g * xc;
     if constexpr (kPartial) {
       pw[i] += d * (xc * rstd);
-      pb[i] += d;
+      if constexpr (kBias) pb[i] += d;
     }
   }
   sum_g = fold_lanes<A>(acc_g, tail_g);
@@ -330,8 +332,10 @@ void backward(const LayerNormBwdParams& p) {
         const T* dyr = dy + r * p.dy_row_stride;
         const A mean = mean_in ? mean_in[r] : A(0), rstd = rstd_in[r];
         A sum_g = 0, sum_gx = 0;
-        if (pw) {
+        if (pw && want_db) {
           grad_sums<true>(xr, dyr, wp, cols, mean, rstd, pw, pb, sum_g, sum_gx);
+        } else if (pw) {  // dweight only (RMSNorm, LayerNorm without bias)
+          grad_sums<true, false>(xr, dyr, wp, cols, mean, rstd, pw, pb, sum_g, sum_gx);
         } else {
           grad_sums<false>(xr, dyr, wp, cols, mean, rstd, pw, pb, sum_g, sum_gx);
         }
