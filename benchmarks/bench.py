@@ -120,7 +120,7 @@ def make_inputs(case: cases.Case, device: torch.device) -> impls.Inputs:
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     x.requires_grad_(grad)
     dy = torch.randn_like(x) if grad else None  # keeps x's memory format
-    if case.shape.norm == "ln":
+    if case.shape.norm in ("ln", "rms"):
         n = case.shape.dims[-1]
         weight = 1 + 0.1 * torch.randn(n, device=device, dtype=dtype)
         bias = 0.1 * torch.randn(n, device=device, dtype=dtype)
