@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:index] (default: cuda when available)")
     p.add_argument("--ops", type=_csv(cases.OPS, {**cases.OP_ALIASES, "all": list(cases.OPS)}),
-                   default=list(cases.OPS), help=f"comma list of {', '.join(cases.OPS)}, or ln, bn, all")
+                   default=list(cases.OPS), help=f"comma list of {', '.join(cases.OPS)}, or ln, rms, bn, all")
     p.add_argument("--dtypes", type=_csv(cases.DTYPES), help="comma list of fp32, bf16, fp16 "
                    "(default: fp32,bf16 on CPU, all three on CUDA)")
     p.add_argument("--sweeps", help="comma list of sweep names (default: all of the device's; see --list)")
@@ -134,7 +134,7 @@ def make_inputs(case: cases.Case, device: torch.device) -> impls.Inputs:
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     x.requires_grad_(grad)
     dy = torch.randn_like(x) if grad else None  # keeps x's memory format
-    if case.shape.norm == "ln":
+    if case.shape.norm in ("ln", "rms"):
         n = case.shape.dims[-1]
         weight = 1 + 0.1 * torch.randn(n, device=device, dtype=dtype)
         bias = 0.1 * torch.randn(n, device=device, dtype=dtype)

@@ -14,7 +14,7 @@ DEFAULT_DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16")}
 @dataclass(frozen=True)
 class Op:
     name: str
-    norm: str  # "ln" (LayerNorm) or "bn" (BatchNorm)
+    norm: str  # "ln" (LayerNorm), "rms" (RMSNorm) or "bn" (BatchNorm)
     direction: str  # "fwd", "bwd" or "fwdbwd"
     training: bool | None  # BatchNorm: batch statistics (training) or running statistics (eval)
     description: str
@@ -26,17 +26,22 @@ OPS = {
         Op("ln_fwd", "ln", "fwd", None, "LayerNorm forward"),
         Op("ln_bwd", "ln", "bwd", None, "LayerNorm backward"),
         Op("ln_fwdbwd", "ln", "fwdbwd", None, "LayerNorm forward+backward"),
+        Op("rms_fwd", "rms", "fwd", None, "RMSNorm forward"),
+        Op("rms_bwd", "rms", "bwd", None, "RMSNorm backward"),
+        Op("rms_fwdbwd", "rms", "fwdbwd", None, "RMSNorm forward+backward"),
         Op("bn_train_fwd", "bn", "fwd", True, "BatchNorm training forward"),
         Op("bn_fwdbwd", "bn", "fwdbwd", True, "BatchNorm training forward+backward"),
         Op("bn_eval", "bn", "fwd", False, "BatchNorm eval forward"),
     )
 }
-OP_ALIASES = {"ln": [n for n in OPS if n.startswith("ln_")], "bn": [n for n in OPS if n.startswith("bn_")]}
+OP_ALIASES = {"ln": [n for n in OPS if n.startswith("ln_")], "rms": [n for n in OPS if n.startswith("rms_")],
+              "bn": [n for n in OPS if n.startswith("bn_")]}
 
 
 @dataclass(frozen=True)
 class Shape:
-    norm: str  # "ln": (rows, hidden), normalized over the last dim; "bn": (N, C, *spatial)
+    norm: str  # "ln": (rows, hidden), normalized over the last dim (LayerNorm and RMSNorm cases); "rms":
+    # the same for RMSNorm cases only; "bn": (N, C, *spatial)
     dims: tuple
     channels_last: bool = False
     label: str = ""  # x-axis tick in plots; the dims by default
@@ -44,7 +49,7 @@ class Shape:
 
     @property
     def layout(self) -> str:
-        if self.norm == "ln":
+        if self.norm in ("ln", "rms"):
             return "rows"
         names = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}[len(self.dims)]
         return {"NCHW": "NHWC", "NCDHW": "NDHWC"}[names] if self.channels_last else names
@@ -59,7 +64,7 @@ class Shape:
     @property
     def text(self) -> str:
         dims = "x".join(map(str, self.dims))
-        return dims if self.norm == "ln" else f"{dims} {self.layout}"
+        return dims if self.norm in ("ln", "rms") else f"{dims} {self.layout}"
 
     @property
     def tick(self) -> str:
@@ -91,6 +96,11 @@ def _ln(rows, hidden, label="", target=False):
     return Shape("ln", (rows, hidden), label=str(label), target=target)
 
 
+def _qk(tokens, heads, head_dim):
+    """Per-head QK-norm: RMSNorm over head_dim of rows = tokens x heads."""
+    return Shape("rms", (tokens * heads, head_dim), label=f"{tokens}x{heads}x{head_dim}")
+
+
 def _bn(*dims, channels_last=False, label="", target=False):
     return Shape("bn", tuple(dims), channels_last, str(label), target)
 
@@ -109,6 +119,8 @@ GPU_SWEEPS = (
           + (_ln(16384, 131072, "131072 (M=16384)"), _ln(8192, 262144, "262144 (M=8192)"))),
     Sweep("ln-transformer", "LayerNorm on transformer activations: 16384 rows (batch 8 x seq 2048) x hidden size",
           "hidden", tuple(_ln(16384, h, h) for h in (768, 1024, 4096, 8192))),
+    Sweep("qk-norm", "RMSNorm per attention head (QK-norm): rows = tokens x heads, N = head_dim 64 / 128", "tokens x "
+          "heads x head_dim", tuple(_qk(t, h, d) for t, h in ((8192, 32), (32768, 32)) for d in (64, 128))),
     Sweep("bn1d", "BatchNorm1d on (N, C)", "shape", (_bn(8192, 1024), _bn(131072, 256))),
     Sweep("bn1d-ncl", "BatchNorm1d on (N, C, L)", "shape", (_bn(128, 256, 1024), _bn(32, 512, 4096))),
     Sweep("bn2d-resnet50", "BatchNorm2d at ResNet-50 layer shapes, batch 256, NCHW", "C x H x W",
@@ -131,6 +143,9 @@ CPU_SWEEPS = (
           + (_ln(64, 131072, "131072 (M=64)"), _ln(32, 262144, "262144 (M=32)"))),
     Sweep("ln-transformer", "LayerNorm on transformer activations: 2048 rows (batch 4 x seq 512) x hidden size",
           "hidden", tuple(_ln(2048, h, h) for h in (768, 1024, 4096, 8192))),
+    Sweep("qk-norm", "RMSNorm per attention head (QK-norm): rows = tokens x heads, N = head_dim 64 / 128 "
+          "(scaled down for CPU)", "tokens x heads x head_dim",
+          tuple(_qk(t, h, d) for t, h in ((512, 16), (2048, 32)) for d in (64, 128))),
     Sweep("bn1d", "BatchNorm1d on (N, C)", "shape", (_bn(2048, 1024), _bn(32768, 256))),
     Sweep("bn1d-ncl", "BatchNorm1d on (N, C, L)", "shape", (_bn(16, 256, 1024), _bn(8, 64, 8192))),
     Sweep("bn2d-resnet50", "BatchNorm2d at ResNet-50 layer shapes, batch 8, NCHW", "C x H x W", _resnet50(8, False)),
@@ -154,7 +169,7 @@ def make_cases(sweeps, ops, dtypes) -> list:
     """Shape by shape, so all the cases of one input shape run back to back."""
     return [Case(sweep, shape, op, dtype)
             for sweep in sweeps for shape in sweep.shapes for dtype in dtypes for op in ops
-            if op.norm == shape.norm]
+            if op.norm == shape.norm or (op.norm == "rms" and shape.norm == "ln")]
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,7 +182,8 @@ BYTES_NOTE = (
     "Bytes counted (the minimum traffic of the operation; GB/s = bytes / median time). "
     "LayerNorm (M rows of N; weight and bias in the input dtype): forward reads x, weight and bias and "
     "writes y; backward reads x, dy, weight and the saved mean/rstd (float32) and writes dx, dweight, "
-    "dbias. BatchNorm (E elements, C channels; float32 weight, bias and running statistics): training "
+    "dbias. RMSNorm: the same without bias and mean (forward reads x and weight, writes y; backward reads "
+    "x, dy, weight and rstd, writes dx and dweight). BatchNorm (E elements, C channels; float32 weight, bias and running statistics): training "
     "forward reads x twice (statistics pass, then normalize pass), reads weight and bias and writes y; "
     "backward reads x and dy twice (reduction pass, then dx pass), reads weight and the saved "
     "mean/invstd and writes dx, dweight, dbias; eval forward reads x, weight, bias and the running "
@@ -179,7 +195,11 @@ BYTES_NOTE = (
 def bytes_moved(case: Case) -> int:
     s = DTYPES[case.dtype].itemsize
     e = case.shape.numel
-    if case.shape.norm == "ln":
+    if case.op.norm == "rms":
+        n = case.shape.dims[-1]
+        fwd = 2 * e * s + n * s
+        bwd = 3 * e * s + (e // n) * 4 + 2 * n * s
+    elif case.shape.norm == "ln":
         n = case.shape.dims[-1]
         rows = e // n
         fwd = 2 * e * s + 2 * n * s
@@ -200,6 +220,8 @@ _CPU_TARGETS = (  # (op, dtypes or None for all, BatchNorm layouts or None for a
     ("ln_fwd", ("fp32",), None, 1.1),
     ("ln_fwd", ("bf16",), None, 1.5),
     ("ln_fwdbwd", None, None, 1.3),
+    ("rms_fwd", None, None, 1.5),  # RMSNorm: over the faster of torch eager and torch.compile
+    ("rms_fwdbwd", None, None, 1.3),
     ("bn_train_fwd", None, ("NCL", "NCHW"), 2.0),
     ("bn_fwdbwd", None, ("NC", "NCL", "NCHW", "NHWC"), 1.5),
     ("bn_eval", None, None, 1.0),

@@ -37,11 +37,11 @@ class Inputs:
         return self.running_mean.clone(), self.running_var.clone()
 
 
-def _module_with(module, inputs: Inputs):
-    """Move a peer's module to the inputs' device, its parameters set to (copies of) ours."""
+def _module_with(module, inputs: Inputs, names=("weight", "bias")):
+    """Move a peer's module to the inputs' device, its parameters `names` set to (copies of) ours."""
     module = module.to(device=inputs.x.device)
     with torch.no_grad():
-        for name in ("weight", "bias"):
+        for name in names:
             ours = getattr(inputs, name)
             setattr(module, name, torch.nn.Parameter(ours.detach().clone(), requires_grad=ours.requires_grad))
     return module
@@ -57,7 +57,7 @@ class Impl:
 
     def unavailable(self, norm: str, device_type: str) -> str | None:
         if norm not in self.modules:
-            return f"{self.label} has no {'LayerNorm' if norm == 'ln' else 'BatchNorm'}"
+            return f"{self.label} has no {dict(ln='LayerNorm', rms='RMSNorm', bn='BatchNorm')[norm]}"
         if self.cuda_only and device_type != "cuda":
             return f"{self.label} is CUDA only"
         try:
@@ -76,9 +76,15 @@ class Impl:
         """(fn, params): fn(x) -> y, and the parameter tensors that receive gradients."""
         if norm == "ln":
             return self.layer_norm(inputs)
+        if norm == "rms":
+            return self.rms_norm(inputs)
         return self.batch_norm(inputs, training)
 
     def layer_norm(self, inputs: Inputs):
+        raise NotImplementedError
+
+    def rms_norm(self, inputs: Inputs):
+        """RMSNorm of inputs.x with inputs.weight (inputs.bias unused)."""
         raise NotImplementedError
 
     def batch_norm(self, inputs: Inputs, training: bool):
@@ -99,6 +105,9 @@ class FusedNorm(Impl):
     def layer_norm(self, t):
         return (lambda x: fused_norm.layer_norm(x, t.normalized_shape, t.weight, t.bias, t.eps)), [t.weight, t.bias]
 
+    def rms_norm(self, t):
+        return (lambda x: fused_norm.rms_norm(x, t.normalized_shape, t.weight, t.eps)), [t.weight]
+
     def batch_norm(self, t, training):
         rm, rv = t.running_stats()
         return (lambda x: fused_norm.batch_norm(x, rm, rv, t.weight, t.bias, training, t.momentum, t.eps)), \
@@ -109,17 +118,25 @@ def _ln_ref(x, weight, bias, normalized_shape, eps):
     return F.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
+def _rms_ref(x, weight, normalized_shape, eps):
+    return F.rms_norm(x, normalized_shape, weight, eps)
+
+
 def _bn_ref(x, running_mean, running_var, weight, bias, training, momentum, eps):
     return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 class TorchEager(Impl):
     name, label, package = "torch", "torch eager", "torch"
-    modules = {"ln": "torch", "bn": "torch"}
-    note = "torch eager: torch.nn.functional.layer_norm / batch_norm (native kernels, cuDNN where torch picks it)."
+    modules = {"ln": "torch", "rms": "torch", "bn": "torch"}
+    note = ("torch eager: torch.nn.functional.layer_norm / rms_norm / batch_norm (native kernels, cuDNN where torch "
+            "picks it).")
 
     def layer_norm(self, t):
         return (lambda x: _ln_ref(x, t.weight, t.bias, t.normalized_shape, t.eps)), [t.weight, t.bias]
+
+    def rms_norm(self, t):
+        return (lambda x: _rms_ref(x, t.weight, t.normalized_shape, t.eps)), [t.weight]
 
     def batch_norm(self, t, training):
         rm, rv = t.running_stats()
@@ -131,36 +148,41 @@ class TorchCompile(Impl):
     whenever the input changes, so each input shape/dtype/layout gets its own graphs (one per
     direction and mode) and no guard list grows over the run."""
     name, label, package = "compile", "torch.compile", "torch"
-    modules = {"ln": "torch._inductor", "bn": "torch._inductor"}
+    modules = {"ln": "torch._inductor", "rms": "torch._inductor", "bn": "torch._inductor"}
     note = ("torch.compile: Inductor-compiled torch.nn.functional reference (dynamic=False), compile time "
             "excluded (first calls are warm-up).")
 
     def __init__(self):
         self._key = None
-        self._ln = self._bn = None
+        self._ln = self._rms = self._bn = None
 
     def _compiled(self, x):
         key = (tuple(x.shape), x.stride(), x.dtype, x.device)
         if key != self._key:
             torch._dynamo.reset()
             self._ln = torch.compile(_ln_ref, dynamic=False)
+            self._rms = torch.compile(_rms_ref, dynamic=False)
             self._bn = torch.compile(_bn_ref, dynamic=False)
             self._key = key
-        return self._ln, self._bn
+        return self._ln, self._rms, self._bn
 
     def layer_norm(self, t):
-        ln, _ = self._compiled(t.x)
+        ln = self._compiled(t.x)[0]
         return (lambda x: ln(x, t.weight, t.bias, t.normalized_shape, t.eps)), [t.weight, t.bias]
 
+    def rms_norm(self, t):
+        rms = self._compiled(t.x)[1]
+        return (lambda x: rms(x, t.weight, t.normalized_shape, t.eps)), [t.weight]
+
     def batch_norm(self, t, training):
-        _, bn = self._compiled(t.x)
+        bn = self._compiled(t.x)[2]
         rm, rv = t.running_stats()
         return (lambda x: bn(x, rm, rv, t.weight, t.bias, training, t.momentum, t.eps)), [t.weight, t.bias]
 
 
 class Apex(Impl):
     name, label, package = "apex", "apex", "apex"
-    modules = {"ln": "apex.normalization", "bn": "apex.parallel"}
+    modules = {"ln": "apex.normalization", "rms": "apex.normalization", "bn": "apex.parallel"}
     cuda_only = True
     note = ("apex: apex.normalization.FusedLayerNorm; apex.parallel.SyncBatchNorm in one process "
             "(channel_last=True on a permuted view for channels_last and (N, C) inputs).")
@@ -169,6 +191,11 @@ class Apex(Impl):
         from apex.normalization import FusedLayerNorm
         m = _module_with(FusedLayerNorm(t.normalized_shape, eps=t.eps), t)
         return m, [m.weight, m.bias]
+
+    def rms_norm(self, t):
+        from apex.normalization import FusedRMSNorm
+        m = _module_with(FusedRMSNorm(t.normalized_shape, eps=t.eps), t, ("weight",))
+        return m, [m.weight]
 
     def batch_norm(self, t, training):
         from apex.parallel import SyncBatchNorm
@@ -186,7 +213,7 @@ class Apex(Impl):
 
 class Liger(Impl):
     name, label, package = "liger", "Liger-Kernel", "liger-kernel"
-    modules = {"ln": "liger_kernel.transformers"}
+    modules = {"ln": "liger_kernel.transformers", "rms": "liger_kernel.transformers"}
     cuda_only = True
     note = "Liger-Kernel: liger_kernel.transformers.LigerLayerNorm (Triton)."
 
@@ -195,10 +222,15 @@ class Liger(Impl):
         m = _module_with(LigerLayerNorm(t.normalized_shape[-1], eps=t.eps, bias=True), t)
         return m, [m.weight, m.bias]
 
+    def rms_norm(self, t):
+        from liger_kernel.transformers import LigerRMSNorm
+        m = _module_with(LigerRMSNorm(t.normalized_shape[-1], eps=t.eps), t, ("weight",))
+        return m, [m.weight]
+
 
 class Quack(Impl):
     name, label, package = "quack", "QuACK", "quack-kernels"
-    modules = {"ln": "quack.layernorm"}
+    modules = {"ln": "quack.layernorm", "rms": "quack.rmsnorm"}
     cuda_only = True
     note = ("QuACK: quack.layernorm.layernorm (CuTe DSL); it has a float32 weight and no bias, so it "
             "moves 2N fewer parameter bytes (bytes are counted the same for all).")
@@ -207,6 +239,11 @@ class Quack(Impl):
         from quack.layernorm import layernorm
         w = t.weight.detach().float().requires_grad_(t.weight.requires_grad)
         return (lambda x: layernorm(x, w, t.eps)), [w]
+
+    def rms_norm(self, t):
+        from quack.rmsnorm import rmsnorm
+        w = t.weight.detach().clone().requires_grad_(t.weight.requires_grad)
+        return (lambda x: rmsnorm(x, w, eps=t.eps)), [w]
 
 
 PEERS = {impl.name: impl for impl in (TorchEager, TorchCompile, Apex, Liger, Quack)}

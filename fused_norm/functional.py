@@ -56,6 +56,44 @@ def layer_norm(
         raise
 
 
+def _rms_weight(input: torch.Tensor, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The weight as the kernels take it: input's dtype or, for float16/bfloat16 input,
+    float32. torch's rms_norm accepts any floating weight (it multiplies the float32, or
+    float64, normalized input by it and rounds to input's dtype): other dtypes are cast to
+    the input's accumulation dtype, which is exact for a narrower weight; a float64
+    weight of a float32/16-bit input is rounded to float32 first."""
+    if weight is None or weight.dtype == input.dtype or not weight.is_floating_point() \
+            or not input.is_floating_point():
+        return weight
+    if weight.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16):
+        return weight
+    return weight.to(_acc_dtype(input.dtype))
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: List[int],
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+) -> torch.Tensor:
+    r"""Root mean square normalization over the trailing ``normalized_shape`` dims, as
+    :func:`torch.nn.functional.rms_norm` (``eps=None``: ``torch.finfo(input.dtype).eps``),
+    computed by fused_norm's kernels."""
+    if has_torch_function_variadic(input, weight):
+        return handle_torch_function(rms_norm, (input, weight), input, normalized_shape, weight=weight, eps=eps)
+    try:
+        if input.dim() < len(normalized_shape):  # torch's check, before the shape's
+            raise ValueError(f"Input tensor must have at least {len(normalized_shape)} dimensions, but got "
+                             f"{input.dim()}")
+        if eps is None:
+            eps = torch.finfo(input.dtype).eps if input.is_floating_point() else 0.0
+        return ops.rms_norm_fwd(input, list(normalized_shape), _rms_weight(input, weight), eps)[0]
+    except (RuntimeError, TypeError, AttributeError):
+        _raise_type_error("rms_norm", (("input", input, "Tensor"), ("normalized_shape", normalized_shape, "ints"),
+                                       ("weight", weight, "Tensor?"), ("eps", 0.0 if eps is None else eps, "float")))
+        raise
+
+
 def _verify_batch_size(size: List[int]) -> None:
     size_prods = size[0]
     for i in range(len(size) - 2):

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .functional import _batch_norm, _SyncBatchNorm, layer_norm
+from .functional import _batch_norm, _SyncBatchNorm, layer_norm, rms_norm
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -19,6 +19,28 @@ class FusedLayerNorm(nn.LayerNorm):
             return torch.ops.fused_norm.layer_norm_fwd(input, list(self.normalized_shape), self.weight, self.bias,
                                                        self.eps)[0]
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class FusedRMSNorm(nn.RMSNorm):
+    r"""Drop-in for :class:`torch.nn.RMSNorm` (same constructor, parameters and
+    checkpoints) whose forward runs fused_norm's RMSNorm kernels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript calls the op (the functional form is Python only)
+            eps = self.eps if self.eps is not None else _machine_eps(x.dtype)
+            return torch.ops.fused_norm.rms_norm_fwd(x, list(self.normalized_shape), self.weight, eps)[0]
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+def _machine_eps(dtype: torch.dtype) -> float:
+    """torch.finfo(dtype).eps of the kernels' dtypes, in a form TorchScript compiles."""
+    if dtype == torch.float64:
+        return 2.220446049250313e-16
+    if dtype == torch.float16:
+        return 0.0009765625
+    if dtype == torch.bfloat16:
+        return 0.0078125
+    return 1.1920928955078125e-07
 
 
 class _FusedBatchNormForward:

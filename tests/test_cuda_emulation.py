@@ -5,7 +5,8 @@ must be bitwise identical across the three (a missing barrier or a race shows as
 difference; reverse order alone hides some), and within the usual tolerances of torch
 (computed in the same dtype and in float64). The cases reach every tier and branch of
 the launchers and kernels: LayerNorm's warp-group, block and streaming tiers in both
-directions, vector and scalar accesses (odd widths, unaligned pointers, strided rows),
+directions (RMSNorm's too, with its weight offset and rounding point), vector and scalar
+accesses (odd widths, unaligned pointers, strided rows),
 BatchNorm's two layouts with and without split reductions, its finalize kernel, the
 vector straddling two planes, scalar tails, eval and training, the synchronized-BatchNorm
 phases, and small SM counts that make the grid-stride loops repeat. Skipped unless the
@@ -134,6 +135,70 @@ def test_layer_norm_without_parameters(rows, cols, affine):
 def test_layer_norm_sm_counts(rows, cols, sms):
     """Grid-stride loops that repeat (few SMs) and grids of many blocks (an H100's 132)."""
     _ln_check(rows, cols, torch.float32, torch.float32, sms=sms)
+
+
+def _rms_check(rows, cols, dtype, wdtype, layout="contiguous", weight=True, mode="torch", sms=2):
+    """RMSNorm through the LayerNorm kernels (p.rms): y, rstd, dx, dweight; mode "gemma"
+    adds 1 to the weight, "llama" rounds x_hat to x's dtype before the weight."""
+    x = _rows(rows, cols, dtype, layout)
+    dy = _rows(rows, cols, dtype, layout)
+    w = (torch.rand(cols, dtype=torch.float64) + 0.5).to(wdtype) if weight else None
+    eps = 1e-5
+    offset, round_xhat = {"torch": (0.0, False), "gemma": (1.0, False), "llama": (0.0, True)}[mode]
+
+    def ours():
+        y, rstd = ops.rms_norm_fwd(x, [cols], w, eps, offset, round_xhat)
+        dx, dw = ops.rms_norm_bwd(dy, x, [cols], rstd, w, offset)
+        return y, rstd, dx, dw
+
+    y, rstd, dx, dw = run_schedules(ours, sms=sms)
+
+    def reference(t):
+        cast = (lambda v: v.double()) if t == torch.float64 else (lambda v: v)
+        leaves = [cast(v).detach().requires_grad_() if v is not None else None for v in (x, w)]
+        xf = leaves[0].double() if t == torch.float64 else leaves[0].float()
+        xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        if round_xhat and t != torch.float64:
+            xhat = xhat.to(dtype).to(xhat.dtype)
+        out = xhat * (leaves[1].to(xhat.dtype) + offset) if w is not None else xhat
+        out = out.to(leaves[0].dtype)
+        grads = torch.autograd.grad(out, [v for v in leaves if v is not None], dy.to(out.dtype))
+        return out, grads
+
+    theirs, theirs_g = reference(dtype)
+    ref, ref_g = reference(torch.float64)
+    assert_accurate(y, theirs, ref, dtype, "y")
+    for name, o, t, r in zip(("dx", "dweight"), [dx] + ([dw] if w is not None else []), theirs_g, ref_g):
+        assert_accurate(o, t, r, dtype, name, ulps=16)
+    t_rstd = x.double().pow(2).mean(-1).add(eps).rsqrt()
+    torch.testing.assert_close(rstd.double().view(-1), t_rstd, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows,cols", LN_SHAPES)
+def test_rms_norm_tiers(rows, cols, dtypes):
+    _rms_check(rows, cols, *dtypes)
+
+
+@pytest.mark.parametrize("mode", ["gemma", "llama"])
+@pytest.mark.parametrize("dtypes", [DTYPES[0], DTYPES[2], DTYPES[4]], ids=["fp32", "bf16", "bf16+fp32w"])
+@pytest.mark.parametrize("rows,cols", [(37, 64), (6, 1024), (3, 20000), (5, 255), (2, 5003)])
+def test_rms_norm_hf_modes(rows, cols, dtypes, mode):
+    _rms_check(rows, cols, *dtypes, mode=mode)
+
+
+@pytest.mark.parametrize("layout", ["strided", "offset"])
+@pytest.mark.parametrize("rows,cols", [(9, 128), (5, 1024), (2, 20000)])
+def test_rms_norm_row_layouts_and_no_weight(rows, cols, layout):
+    _rms_check(rows, cols, torch.bfloat16, torch.float32, layout=layout)
+    _rms_check(rows, cols, torch.float32, torch.float32, layout=layout, weight=False)
+
+
+@pytest.mark.parametrize("sms", [1, 132])
+@pytest.mark.parametrize("rows,cols", [(700, 64), (300, 128), (9, 20000)])
+def test_rms_norm_qk_norm_rows_and_sm_counts(rows, cols, sms):
+    """Many narrow rows (per-head QK-norm: several rows per warp, grid-stride loops)."""
+    _rms_check(rows, cols, torch.bfloat16, torch.bfloat16, sms=sms)
 
 
 def test_layer_norm_backward_workspace_is_bounded():

@@ -1,5 +1,6 @@
-// LayerNorm ops: argument checks (with torch's messages), output allocation, and the
-// CPU/CUDA registrations. The kernels see rows of `cols` contiguous elements with a row
+// LayerNorm and RMSNorm ops: argument checks (with torch's messages), output allocation,
+// and the CPU/CUDA registrations. RMSNorm is LayerNorm's kernels without the mean and the
+// bias (params.h). The kernels see rows of `cols` contiguous elements with a row
 // stride, so any input whose leading dims collapse to one stride runs without a copy.
 #include <torch/library.h>
 
@@ -9,11 +10,13 @@ namespace fused_norm {
 namespace {
 
 constexpr const char* kOpName = "fused_norm::layer_norm";
+constexpr const char* kRmsOpName = "rms_norm";  // torch's name in its dtype error
 
-// The shape checks of torch's layer_norm, with its messages. Returns (rows, cols).
+// The shape checks of torch's layer_norm (rms_norm: rms), with its messages. Returns
+// (rows, cols).
 std::pair<int64_t, int64_t> check_layer_norm_shapes(const at::Tensor& input, at::IntArrayRef normalized_shape,
                                                     const c10::optional<at::Tensor>& weight,
-                                                    const c10::optional<at::Tensor>& bias) {
+                                                    const c10::optional<at::Tensor>& bias, bool rms = false) {
   const int64_t k = static_cast<int64_t>(normalized_shape.size());
   TORCH_CHECK(k >= 1, "Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
               "least one element, but got normalized_shape = ", normalized_shape);
@@ -26,7 +29,7 @@ std::pair<int64_t, int64_t> check_layer_norm_shapes(const at::Tensor& input, at:
   TORCH_CHECK(d >= k && input.sizes().slice(d - k).equals(normalized_shape), "Given normalized_shape=",
               normalized_shape, ", expected input with shape [*", [&] {
                 std::string s;
-                for (auto v : normalized_shape) s += ", " + std::to_string(v);
+                for (auto v : normalized_shape) s += (rms && s.empty() ? "" : ", ") + std::to_string(v);
                 return s;
               }(), "], but got input of size", input.sizes());
   check_same_device(input, weight, "weight");
@@ -77,25 +80,41 @@ std::vector<int64_t> stats_shape(const at::Tensor& input, int64_t k) {
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& input,
-                                                              at::IntArrayRef normalized_shape,
-                                                              const c10::optional<at::Tensor>& weight_opt,
-                                                              const c10::optional<at::Tensor>& bias_opt,
-                                                              double eps) {
-  const DType x_dtype = to_dtype(input, kOpName);
-  const auto [rows, cols] = check_layer_norm_shapes(input, normalized_shape, weight_opt, bias_opt);
+// The forward of both norms: LayerNorm when rms is false (rms_opts then unused), else
+// RMSNorm (bias_opt empty, mean returned undefined).
+struct RmsOptions {
+  double weight_offset = 0.0;
+  bool round_xhat = false;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_fwd(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                                                        const c10::optional<at::Tensor>& weight_opt,
+                                                        const c10::optional<at::Tensor>& bias_opt, double eps,
+                                                        const RmsOptions* rms) {
+  const char* op_name = rms ? kRmsOpName : kOpName;
+  const DType x_dtype = to_dtype(input, op_name);
+  const auto [rows, cols] = check_layer_norm_shapes(input, normalized_shape, weight_opt, bias_opt, rms != nullptr);
   const at::ScalarType w_type = param_dtype(input, weight_opt, bias_opt);
   const int64_t k = static_cast<int64_t>(normalized_shape.size());
 
-  at::Tensor y = empty_output(input.sizes(), input.options(), at::MemoryFormat::Contiguous);
+  // torch's rms_norm is elementwise ops after the statistics: its output keeps the strides
+  // of a dense input (a permuted one, channels_last). The kernel writes there when the
+  // rows allow it, else into a contiguous tensor that is copied.
+  const bool keep_strides = rms && !input.is_contiguous() && input.is_non_overlapping_and_dense();
+  const at::Tensor y_out = keep_strides ? at::empty_like(input)
+                                        : empty_output(input.sizes(), input.options(), at::MemoryFormat::Contiguous);
+  const int64_t y_out_rs = keep_strides ? row_stride(y_out, k) : cols;
+  const at::Tensor y = y_out_rs >= 0 ? y_out
+                                     : empty_output(input.sizes(), input.options(), at::MemoryFormat::Contiguous);
   const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
-  at::Tensor mean = at::empty(stats_shape(input, k), stat_opts);
+  at::Tensor mean = rms ? at::Tensor() : at::empty(stats_shape(input, k), stat_opts);
   at::Tensor rstd = at::empty(stats_shape(input, k), stat_opts);
   if (rows == 0 || cols == 0) {
-    // No element to normalize; torch gives NaN statistics for empty rows.
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    // No element to normalize; torch gives NaN statistics for empty rows (LayerNorm;
+    // RMSNorm's rstd of an empty row, 1/sqrt(eps + 0/0), is NaN too).
+    if (!rms) mean.fill_(std::numeric_limits<double>::quiet_NaN());
     rstd.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {y, mean, rstd};
+    return {y_out, mean, rstd};
   }
   const auto [x, x_rs] = as_rows(input, k, cols);
   const at::Tensor weight = weight_opt.has_value() && weight_opt->defined() ? weight_opt->contiguous() : at::Tensor();
@@ -106,39 +125,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
   p.weight = weight.defined() ? weight.const_data_ptr() : nullptr;
   p.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
   p.y = y.mutable_data_ptr();
-  p.mean = mean.mutable_data_ptr();
+  p.mean = rms ? nullptr : mean.mutable_data_ptr();
   p.rstd = rstd.mutable_data_ptr();
   p.rows = rows;
   p.cols = cols;
   p.x_row_stride = x_rs;
-  p.y_row_stride = cols;
+  p.y_row_stride = y_out_rs >= 0 ? y_out_rs : cols;
   p.eps = eps;
+  if (rms) {
+    p.rms = true;
+    p.weight_offset = rms->weight_offset;
+    p.round_xhat = rms->round_xhat;
+  }
   p.x_dtype = x_dtype;
-  p.w_dtype = to_dtype(w_type, kOpName);
+  p.w_dtype = to_dtype(w_type, op_name);
   run_on_device(
       input, [&] { layer_norm_fwd_cpu(p); },
       FN_CUDA_LAUNCH([&](cudaStream_t stream) { return layer_norm_fwd_cuda(p, stream); }));
-  return {y, mean, rstd};
+  if (!y.is_same(y_out)) y_out.copy_(y);
+  return {y_out, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& input,
                                                               at::IntArrayRef normalized_shape,
-                                                              const at::Tensor& mean, const at::Tensor& rstd,
                                                               const c10::optional<at::Tensor>& weight_opt,
-                                                              const c10::optional<at::Tensor>& bias_opt) {
-  const DType x_dtype = to_dtype(input, kOpName);
-  const auto [rows, cols] = check_layer_norm_shapes(input, normalized_shape, weight_opt, bias_opt);
+                                                              const c10::optional<at::Tensor>& bias_opt,
+                                                              double eps) {
+  return norm_fwd(input, normalized_shape, weight_opt, bias_opt, eps, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& input, at::IntArrayRef normalized_shape,
+                                                const c10::optional<at::Tensor>& weight_opt, double eps,
+                                                double weight_offset, bool round_xhat) {
+  const RmsOptions opts{weight_offset, round_xhat};
+  auto [y, mean, rstd] = norm_fwd(input, normalized_shape, weight_opt, c10::nullopt, eps, &opts);
+  return {y, rstd};
+}
+
+// The backward of both norms: LayerNorm when rms is null, else RMSNorm (mean undefined,
+// bias_opt empty; the returned dbias is undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                                        at::IntArrayRef normalized_shape, const at::Tensor& mean,
+                                                        const at::Tensor& rstd,
+                                                        const c10::optional<at::Tensor>& weight_opt,
+                                                        const c10::optional<at::Tensor>& bias_opt,
+                                                        const RmsOptions* rms) {
+  const char* op_name = rms ? kRmsOpName : kOpName;
+  const DType x_dtype = to_dtype(input, op_name);
+  const auto [rows, cols] = check_layer_norm_shapes(input, normalized_shape, weight_opt, bias_opt, rms != nullptr);
   const at::ScalarType w_type = param_dtype(input, weight_opt, bias_opt);
   const int64_t k = static_cast<int64_t>(normalized_shape.size());
   TORCH_CHECK(grad_out.sizes().equals(input.sizes()) && grad_out.scalar_type() == input.scalar_type() &&
                   grad_out.device() == input.device(),
-              "fused_norm::layer_norm_bwd: grad_out must match input in shape, dtype and device, got ",
+              "fused_norm::", rms ? "rms" : "layer", "_norm_bwd: grad_out must match input in shape, dtype and device, got ",
               grad_out.sizes(), " ", grad_out.scalar_type(), " vs ", input.sizes(), " ", input.scalar_type());
   const at::ScalarType stat_type = acc_dtype(input.scalar_type());
   for (const at::Tensor* s : {&mean, &rstd}) {
+    if (rms && s == &mean) continue;
     TORCH_CHECK(s->numel() == rows && s->scalar_type() == stat_type && s->device() == input.device(),
-                "fused_norm::layer_norm_bwd: mean/rstd must hold one ", stat_type, " per row (", rows,
-                "), got ", s->sizes(), " ", s->scalar_type());
+                "fused_norm::", rms ? "rms_norm_bwd: rstd" : "layer_norm_bwd: mean/rstd", " must hold one ",
+                stat_type, " per row (", rows, "), got ", s->sizes(), " ", s->scalar_type());
   }
   const bool has_w = weight_opt.has_value() && weight_opt->defined();
   const bool has_b = bias_opt.has_value() && bias_opt->defined();
@@ -154,14 +200,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   }
   const auto [x, x_rs] = as_rows(input, k, cols);
   const auto [dy, dy_rs] = as_rows(grad_out, k, cols);
-  const at::Tensor mean_c = mean.contiguous();
+  const at::Tensor mean_c = rms ? at::Tensor() : mean.contiguous();
   const at::Tensor rstd_c = rstd.contiguous();
   const at::Tensor weight = has_w ? weight_opt->contiguous() : at::Tensor();
 
   LayerNormBwdParams p;
   p.dy = dy.const_data_ptr();
   p.x = x.const_data_ptr();
-  p.mean = mean_c.const_data_ptr();
+  p.mean = rms ? nullptr : mean_c.const_data_ptr();
   p.rstd = rstd_c.const_data_ptr();
   p.weight = has_w ? weight.const_data_ptr() : nullptr;
   p.dx = dx.mutable_data_ptr();
@@ -172,8 +218,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   p.dy_row_stride = dy_rs;
   p.x_row_stride = x_rs;
   p.dx_row_stride = cols;
+  if (rms) {
+    p.rms = true;
+    p.weight_offset = rms->weight_offset;
+  }
   p.x_dtype = x_dtype;
-  p.w_dtype = to_dtype(w_type, kOpName);
+  p.w_dtype = to_dtype(w_type, op_name);
   run_on_device(
       input, [&] { layer_norm_bwd_cpu(p); },
       FN_CUDA_LAUNCH([&](cudaStream_t stream) {
@@ -184,6 +234,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   return {dx, dweight, dbias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                                              at::IntArrayRef normalized_shape,
+                                                              const at::Tensor& mean, const at::Tensor& rstd,
+                                                              const c10::optional<at::Tensor>& weight_opt,
+                                                              const c10::optional<at::Tensor>& bias_opt) {
+  return norm_bwd(grad_out, input, normalized_shape, mean, rstd, weight_opt, bias_opt, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                                at::IntArrayRef normalized_shape, const at::Tensor& rstd,
+                                                const c10::optional<at::Tensor>& weight_opt, double weight_offset) {
+  const RmsOptions opts{weight_offset, false};
+  auto [dx, dweight, dbias] =
+      norm_bwd(grad_out, input, normalized_shape, at::Tensor(), rstd, weight_opt, c10::nullopt, &opts);
+  return {dx, dweight};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fused_norm, m) {
@@ -191,17 +258,27 @@ TORCH_LIBRARY_FRAGMENT(fused_norm, m) {
         " -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor mean, Tensor rstd,"
         " Tensor? weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
+  // RMSNorm: y, rstd. weight_offset is added to the weight (Gemma's 1 + w); round_xhat
+  // rounds x * rstd to the input's dtype before the weight multiplies it (Llama's).
+  m.def("rms_norm_fwd(Tensor input, SymInt[] normalized_shape, Tensor? weight, float eps,"
+        " float weight_offset=0., bool round_xhat=False) -> (Tensor, Tensor)");
+  m.def("rms_norm_bwd(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor rstd, Tensor? weight,"
+        " float weight_offset=0.) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fused_norm, CPU, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd);
   m.impl("layer_norm_bwd", &layer_norm_bwd);
+  m.impl("rms_norm_fwd", &rms_norm_fwd);
+  m.impl("rms_norm_bwd", &rms_norm_bwd);
 }
 
 #ifdef FUSED_NORM_WITH_CUDA
 TORCH_LIBRARY_IMPL(fused_norm, CUDA, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd);
   m.impl("layer_norm_bwd", &layer_norm_bwd);
+  m.impl("rms_norm_fwd", &rms_norm_fwd);
+  m.impl("rms_norm_bwd", &rms_norm_bwd);
 }
 #endif
 

@@ -4,7 +4,8 @@
 //
 // Forward: one read of the row from memory computes per-block moments (one sweep of
 // shifted sums, see runs_moments) merged across blocks with Chan's formula; a last sweep
-// writes y (from cache when the row fits in L1/L2).
+// writes y (from cache when the row fits in L1/L2). RMSNorm (p.rms) reads the row once
+// for sum(x^2) (the unshifted sums) and writes y as LayerNorm with a mean of 0.
 // Backward: per row, one sweep for sum(g) and sum(g*xhat) with g = dy*weight that also
 // accumulates dweight/dbias into per-group partial rows (summed in a fixed order at the
 // end: no atomics, bitwise reproducible); a second sweep writes dx.
@@ -39,8 +40,9 @@ struct NoStep {
 };
 
 // The shifted sums of runs_moments, (sum d, sum d*d) with d = x - a, times
-// kOverflowScale when kScaled.
-template <bool kScaled, typename T, typename Step>
+// kOverflowScale when kScaled. Without kLinear, only sum x*x (a must be 0; the first sum
+// is returned as 0): RMSNorm's statistics, without the subtractions and additions of d.
+template <bool kScaled, bool kLinear = true, typename T, typename Step>
 inline std::pair<stat_sum_t<T>, stat_sum_t<T>> shifted_sums(const T* x, int64_t runs, int64_t stride, int64_t n,
                                                             acc_t<T> a, Step&& step) {
   using A = acc_t<T>;
@@ -55,9 +57,10 @@ inline std::pair<stat_sum_t<T>, stat_sum_t<T>> shifted_sums(const T* x, int64_t 
   // forward 1.03x-1.04x; LayerNorm forward (4096, 1024), (8192, 768) 1.02x-1.06x.
   vec_t<A> s[4] = {}, q[4] = {};
   auto add = [&](int j, vec_t<A> v) {
-    vec_t<A> d = v - av;
+    vec_t<A> d = v;
+    if constexpr (kLinear) d -= av;
     if constexpr (kScaled) d *= kOverflowScale<A>;
-    s[j] += d;
+    if constexpr (kLinear) s[j] += d;
     q[j] = mul_add(d, d, q[j]);
   };
   A s_tail = 0, q_tail = 0;
@@ -119,34 +122,50 @@ inline Moments<stat_sum_t<T>> block_moments(const T* x, int64_t n) {
   return runs_moments(x, 1, 0, n);
 }
 
-// y = (x - mean) * rstd [* w] [+ b] for n values (kStream: see store_loop).
-template <bool kWeight, bool kBias, bool kStream, typename T, typename A>
+// v rounded to T's precision, lane-wise (the identity when T is its own accumulation type).
+template <typename T>
+inline vec_t<acc_t<T>> round_to_storage(vec_t<acc_t<T>> v) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return v;
+  } else {
+    T tmp[kLanes<acc_t<T>>];
+    store_vec(tmp, v);
+    return load_vec(tmp);
+  }
+}
+
+// y = (x - mean) * rstd [rounded to T: kRound] [* w] [+ b] for n values (kStream: see
+// store_loop).
+template <bool kWeight, bool kBias, bool kStream, bool kRound = false, typename T, typename A>
 inline void normalize_block(const T* __restrict x, int64_t n, A mean, A rstd, const A* __restrict w,
                             const A* __restrict b, T* __restrict y) {
   store_loop<kStream>(
       y, n,
       [&](int64_t i) {
         vec_t<A> v = (load_vec(x + i) - mean) * rstd;
+        if constexpr (kRound) v = round_to_storage<T>(v);
         if constexpr (kWeight) v *= loadu(w + i);
         if constexpr (kBias) v += loadu(b + i);
         return v;
       },
       [&](int64_t i) {
         A v = (to_acc<A>(x[i]) - mean) * rstd;
+        if constexpr (kRound) v = to_acc<A>(from_acc<T>(v));
         if constexpr (kWeight) v *= w[i];
         if constexpr (kBias) v += b[i];
         return v;
       });
 }
 
-// Parameters widened to the accumulation type once per call (empty when absent).
+// Parameters widened to the accumulation type once per call, plus `offset` (RMSNorm's
+// weight offset; empty when absent).
 template <typename A, typename W>
-std::vector<A> widen_param(const void* p, int64_t n) {
+std::vector<A> widen_param(const void* p, int64_t n, double offset = 0.0) {
   std::vector<A> out;
   if (p) {
     const W* w = static_cast<const W*>(p);
     out.resize(n);
-    for (int64_t i = 0; i < n; ++i) out[i] = to_acc<A>(w[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = offset == 0.0 ? to_acc<A>(w[i]) : to_acc<A>(w[i]) + A(offset);
   }
   return out;
 }
@@ -174,8 +193,9 @@ void forward(const LayerNormFwdParams& p) {
   T* y = static_cast<T*>(p.y);
   A* mean_out = static_cast<A*>(p.mean);
   A* rstd_out = static_cast<A*>(p.rstd);
-  const std::vector<A> w = widen_param<A, W>(p.weight, cols);
+  const std::vector<A> w = widen_param<A, W>(p.weight, cols, p.weight_offset);
   const std::vector<A> b = widen_param<A, W>(p.bias, cols);
+  const bool round = p.round_xhat && !std::is_same_v<T, A>;
   const int64_t bytes = p.rows * cols * 2 * static_cast<int64_t>(sizeof(T));
   const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(T));
   parallel_for_output(bytes, row_bytes, 0, p.rows, row_grain(cols), [&](auto stream, int64_t r0, int64_t r1) {
@@ -183,7 +203,13 @@ void forward(const LayerNormFwdParams& p) {
     auto normalize = [&](const T* xr, T* yr, A mean, A rstd) {
       const A* wp = w.data();
       const A* bp = b.data();
-      if (!w.empty() && !b.empty()) {
+      if (round) {  // RMSNorm only: no bias
+        if (!w.empty()) {
+          normalize_block<true, false, kStream, true>(xr, cols, mean, rstd, wp, bp, yr);
+        } else {
+          normalize_block<false, false, kStream, true>(xr, cols, mean, rstd, wp, bp, yr);
+        }
+      } else if (!w.empty() && !b.empty()) {
         normalize_block<true, true, kStream>(xr, cols, mean, rstd, wp, bp, yr);
       } else if (!w.empty()) {
         normalize_block<true, false, kStream>(xr, cols, mean, rstd, wp, bp, yr);
@@ -196,10 +222,20 @@ void forward(const LayerNormFwdParams& p) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * p.x_row_stride;
       if (r + 1 < r1) prefetch_row(xr + p.x_row_stride, cols);
-      Moments<stat_sum_t<T>> m = moments_empty<stat_sum_t<T>>();
-      for (int64_t c = 0; c < cols; c += kBlock) m = moments_merge(m, block_moments(xr + c, std::min(kBlock, cols - c)));
-      const A mean = static_cast<A>(m.mean), rstd = static_cast<A>(moments_rstd(m, p.eps));
-      mean_out[r] = mean;
+      A mean = 0, rstd;
+      if (p.rms) {
+        // Mean square in stat_sum_t, as torch's float32 mean of x^2 but without its
+        // rounding of each square: an overflowing sum gives rstd 0, as torch's.
+        const stat_sum_t<T> sq = shifted_sums<false, false>(xr, 1, 0, cols, A(0), NoStep{}).second;
+        rstd = static_cast<A>(fn_rsqrt(sq / static_cast<stat_sum_t<T>>(cols) + static_cast<stat_sum_t<T>>(p.eps)));
+      } else {
+        Moments<stat_sum_t<T>> m = moments_empty<stat_sum_t<T>>();
+        for (int64_t c = 0; c < cols; c += kBlock)
+          m = moments_merge(m, block_moments(xr + c, std::min(kBlock, cols - c)));
+        mean = static_cast<A>(m.mean);
+        rstd = static_cast<A>(moments_rstd(m, p.eps));
+        mean_out[r] = mean;
+      }
       rstd_out[r] = rstd;
       normalize(xr, y + r * p.y_row_stride, mean, rstd);
     }
@@ -207,11 +243,11 @@ void forward(const LayerNormFwdParams& p) {
 }
 
 // sum(g) and sum(g * (x - mean)) over a row in one sweep, g = dy * w (dy when w is null),
-// and (kPartial) dy*xhat and dy added to the partial dweight/dbias rows. The partial rows
+// and (kPartial) dy*xhat and (kBias) dy added to the partial dweight/dbias rows. The partial rows
 // are updated in this load-only sweep rather than in the dx sweep: next to the dx stores,
 // their read-modify-write made the backward 1.1-2x slower (float32 768 columns, 43 to
 // 11000 rows, AVX-512 Intel Xeon, cached stores).
-template <bool kPartial, typename T, typename A>
+template <bool kPartial, bool kBias = true, typename T, typename A>
 inline void grad_sums(const T* __restrict x, const T* __restrict dy, const A* __restrict w, int64_t n, A mean,
                       A rstd, A* __restrict pw, A* __restrict pb, A& sum_g, A& sum_gx) {
   constexpr int64_t L = kLanes<A>;
@@ -225,7 +261,7 @@ inline void grad_sums(const T* __restrict x, const T* __restrict dy, const A* __
     acc_gx += g * xc;
     if constexpr (kPartial) {
       store_vec(pw + i, loadu(pw + i) + d * (xc * rstd));
-      store_vec(pb + i, loadu(pb + i) + d);
+      if constexpr (kBias) store_vec(pb + i, loadu(pb + i) + d);
     }
   }
   A tail_g = 0, tail_gx = 0;
@@ -237,7 +273,7 @@ inline void grad_sums(const T* __restrict x, const T* __restrict dy, const A* __
     tail_gx += g * xc;
     if constexpr (kPartial) {
       pw[i] += d * (xc * rstd);
-      pb[i] += d;
+      if constexpr (kBias) pb[i] += d;
     }
   }
   sum_g = fold_lanes<A>(acc_g, tail_g);
@@ -269,9 +305,9 @@ void backward(const LayerNormBwdParams& p) {
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
-  const A* mean_in = static_cast<const A*>(p.mean);
+  const A* mean_in = static_cast<const A*>(p.mean);  // null for RMSNorm (mean 0)
   const A* rstd_in = static_cast<const A*>(p.rstd);
-  const std::vector<A> w = widen_param<A, W>(p.weight, cols);
+  const std::vector<A> w = widen_param<A, W>(p.weight, cols, p.weight_offset);
   const A* wp = w.empty() ? nullptr : w.data();
   const bool want_dw = p.dweight != nullptr, want_db = p.dbias != nullptr;
 
@@ -294,15 +330,17 @@ void backward(const LayerNormBwdParams& p) {
       for (int64_t r = rows * g / groups; r < r_end; ++r) {
         const T* xr = x + r * p.x_row_stride;
         const T* dyr = dy + r * p.dy_row_stride;
-        const A mean = mean_in[r], rstd = rstd_in[r];
+        const A mean = mean_in ? mean_in[r] : A(0), rstd = rstd_in[r];
         A sum_g = 0, sum_gx = 0;
-        if (pw) {
+        if (pw && want_db) {
           grad_sums<true>(xr, dyr, wp, cols, mean, rstd, pw, pb, sum_g, sum_gx);
+        } else if (pw) {  // dweight only (RMSNorm, LayerNorm without bias)
+          grad_sums<true, false>(xr, dyr, wp, cols, mean, rstd, pw, pb, sum_g, sum_gx);
         } else {
           grad_sums<false>(xr, dyr, wp, cols, mean, rstd, pw, pb, sum_g, sum_gx);
         }
         const A c1 = sum_gx * rstd * inv_cols;  // mean of g * xhat
-        const A c2 = sum_g * inv_cols;          // mean of g
+        const A c2 = p.rms ? A(0) : sum_g * inv_cols;  // mean of g (RMSNorm: no mean term)
         T* dxr = dx + r * p.dx_row_stride;
         if (wp) {
           dx_row<true, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr);
