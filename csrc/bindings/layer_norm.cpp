@@ -9,6 +9,7 @@ namespace fused_norm {
 namespace {
 
 constexpr const char* kOpName = "fused_norm::layer_norm";
+constexpr const char* kAddOpName = "fused_norm::add_layer_norm";
 
 // The shape checks of torch's layer_norm, with its messages. Returns (rows, cols).
 std::pair<int64_t, int64_t> check_layer_norm_shapes(const at::Tensor& input, at::IntArrayRef normalized_shape,
@@ -77,17 +78,49 @@ std::vector<int64_t> stats_shape(const at::Tensor& input, int64_t k) {
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& input,
-                                                              at::IntArrayRef normalized_shape,
-                                                              const c10::optional<at::Tensor>& weight_opt,
-                                                              const c10::optional<at::Tensor>& bias_opt,
-                                                              double eps) {
-  const DType x_dtype = to_dtype(input, kOpName);
+// The dtype of the normalized rows (the new residual) of an add_layer_norm of input
+// dtype x and residual dtype r, checked: the residual has input's dtype, or float32 for
+// fp16/bf16 input; the sum is stored in r, or in float32 when residual_in_fp32.
+at::ScalarType sum_dtype(at::ScalarType x, at::ScalarType r, bool residual_in_fp32) {
+  TORCH_CHECK(r == x || (is_reduced_float(x) && r == at::kFloat), kAddOpName,
+              ": residual must have input's dtype, or float32 for float16/bfloat16 input; got input ", x,
+              " and residual ", r);
+  TORCH_CHECK(!residual_in_fp32 || x != at::kDouble, kAddOpName,
+              ": residual_in_fp32 needs float32, float16 or bfloat16 input, got ", x);
+  return residual_in_fp32 ? at::kFloat : r;
+}
+
+// torch's errors for `input + residual` where the shapes differ (when not broadcastable),
+// else ours: the fused op does not broadcast.
+void check_residual(const at::Tensor& input, const at::Tensor& residual) {
+  TORCH_CHECK(residual.device() == input.device(), "Expected all tensors to be on the same device, but found at "
+              "least two devices, ", input.device(), " and ", residual.device(), "!");
+  if (!residual.sizes().equals(input.sizes())) {
+    at::infer_size(input.sizes(), residual.sizes());
+    TORCH_CHECK(false, kAddOpName, ": residual must have input's shape (no broadcasting), got input of size ",
+                input.sizes(), " and residual of size ", residual.sizes());
+  }
+}
+
+// LayerNorm of input, or of input + residual (see LayerNormFwdParams): {y, the sum (empty
+// when not stored or without residual), mean, rstd}.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_impl(
+    const at::Tensor& input, const at::Tensor* residual, at::IntArrayRef normalized_shape,
+    const c10::optional<at::Tensor>& weight_opt, const c10::optional<at::Tensor>& bias_opt, double eps,
+    bool residual_in_fp32, bool store_sum) {
+  const char* name = residual ? kAddOpName : kOpName;
+  const DType x_dtype = to_dtype(input, name);
+  if (residual) check_residual(input, *residual);
+  const at::ScalarType r_type = residual ? residual->scalar_type() : input.scalar_type();
+  const at::ScalarType s_type = residual ? sum_dtype(input.scalar_type(), r_type, residual_in_fp32) : r_type;
   const auto [rows, cols] = check_layer_norm_shapes(input, normalized_shape, weight_opt, bias_opt);
   const at::ScalarType w_type = param_dtype(input, weight_opt, bias_opt);
   const int64_t k = static_cast<int64_t>(normalized_shape.size());
 
   at::Tensor y = empty_output(input.sizes(), input.options(), at::MemoryFormat::Contiguous);
+  at::Tensor sum = residual && store_sum
+                       ? empty_output(input.sizes(), input.options().dtype(s_type), at::MemoryFormat::Contiguous)
+                       : at::empty({0}, input.options().dtype(s_type));
   const auto stat_opts = input.options().dtype(acc_dtype(input.scalar_type()));
   at::Tensor mean = at::empty(stats_shape(input, k), stat_opts);
   at::Tensor rstd = at::empty(stats_shape(input, k), stat_opts);
@@ -95,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
     // No element to normalize; torch gives NaN statistics for empty rows.
     mean.fill_(std::numeric_limits<double>::quiet_NaN());
     rstd.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {y, mean, rstd};
+    return {y, sum, mean, rstd};
   }
   const auto [x, x_rs] = as_rows(input, k, cols);
   const at::Tensor weight = weight_opt.has_value() && weight_opt->defined() ? weight_opt->contiguous() : at::Tensor();
@@ -114,45 +147,94 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& 
   p.y_row_stride = cols;
   p.eps = eps;
   p.x_dtype = x_dtype;
-  p.w_dtype = to_dtype(w_type, kOpName);
-  run_on_device(
-      input, [&] { layer_norm_fwd_cpu(p); },
-      FN_CUDA_LAUNCH([&](cudaStream_t stream) { return layer_norm_fwd_cuda(p, stream); }));
+  p.w_dtype = to_dtype(w_type, name);
+  p.r_dtype = to_dtype(r_type, name);
+  p.s_dtype = to_dtype(s_type, name);
+  if (!residual) {
+    run_on_device(
+        input, [&] { layer_norm_fwd_cpu(p); },
+        FN_CUDA_LAUNCH([&](cudaStream_t stream) { return layer_norm_fwd_cuda(p, stream); }));
+    return {y, sum, mean, rstd};
+  }
+  const auto [r, r_rs] = as_rows(*residual, k, cols);
+  p.residual = r.const_data_ptr();
+  p.residual_row_stride = r_rs;
+  p.sum = store_sum ? sum.mutable_data_ptr() : nullptr;
+  p.sum_row_stride = cols;
+  TORCH_CHECK_NOT_IMPLEMENTED(input.is_cpu(), kAddOpName, ": no kernels for ", input.device(), " tensors");
+  layer_norm_fwd_cpu(p);
+  return {y, sum, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& input,
+                                                              at::IntArrayRef normalized_shape,
+                                                              const c10::optional<at::Tensor>& weight_opt,
+                                                              const c10::optional<at::Tensor>& bias_opt,
+                                                              double eps) {
+  auto [y, sum, mean, rstd] = layer_norm_fwd_impl(input, nullptr, normalized_shape, weight_opt, bias_opt, eps,
+                                                  false, false);
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& input,
-                                                              at::IntArrayRef normalized_shape,
-                                                              const at::Tensor& mean, const at::Tensor& rstd,
-                                                              const c10::optional<at::Tensor>& weight_opt,
-                                                              const c10::optional<at::Tensor>& bias_opt) {
-  const DType x_dtype = to_dtype(input, kOpName);
-  const auto [rows, cols] = check_layer_norm_shapes(input, normalized_shape, weight_opt, bias_opt);
-  const at::ScalarType w_type = param_dtype(input, weight_opt, bias_opt);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
+    const at::Tensor& input, const at::Tensor& residual, at::IntArrayRef normalized_shape,
+    const c10::optional<at::Tensor>& weight_opt, const c10::optional<at::Tensor>& bias_opt, double eps,
+    bool residual_in_fp32, bool store_sum) {
+  return layer_norm_fwd_impl(input, &residual, normalized_shape, weight_opt, bias_opt, eps, residual_in_fp32,
+                             store_sum);
+}
+
+// The backward of LayerNorm (residual terms null) or of add_layer_norm: x is the
+// normalized rows (dtype s_type), or, with residual, the input, the rows then being
+// formed again from both. Returns {dx, dresidual (when r_type differs from dy's, else
+// empty), dweight, dbias}.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_impl(
+    const at::Tensor& grad_out, const at::Tensor* grad_sum, const at::Tensor& x_in, const at::Tensor* residual,
+    at::IntArrayRef normalized_shape, const at::Tensor& mean, const at::Tensor& rstd,
+    const c10::optional<at::Tensor>& weight_opt, const c10::optional<at::Tensor>& bias_opt,
+    at::ScalarType s_type, at::ScalarType r_type) {
+  const bool add = residual || grad_sum || s_type != grad_out.scalar_type() || r_type != grad_out.scalar_type();
+  const char* name = add ? kAddOpName : kOpName;
+  const std::string bwd_name = std::string(name) + "_bwd";
+  const DType x_dtype = to_dtype(grad_out, name);
+  const auto [rows, cols] = check_layer_norm_shapes(x_in, normalized_shape, weight_opt, bias_opt);
+  const at::ScalarType w_type = param_dtype(grad_out, weight_opt, bias_opt);
   const int64_t k = static_cast<int64_t>(normalized_shape.size());
-  TORCH_CHECK(grad_out.sizes().equals(input.sizes()) && grad_out.scalar_type() == input.scalar_type() &&
-                  grad_out.device() == input.device(),
-              "fused_norm::layer_norm_bwd: grad_out must match input in shape, dtype and device, got ",
-              grad_out.sizes(), " ", grad_out.scalar_type(), " vs ", input.sizes(), " ", input.scalar_type());
-  const at::ScalarType stat_type = acc_dtype(input.scalar_type());
+  TORCH_CHECK(!add || s_type == sum_dtype(grad_out.scalar_type(), r_type, s_type != r_type), bwd_name,
+              ": sum_dtype ", s_type, " is neither the residual's dtype nor float32");
+  const at::ScalarType x_type = residual ? grad_out.scalar_type() : s_type;
+  auto check_like = [&](const at::Tensor& t, at::ScalarType dtype, const char* what) {
+    TORCH_CHECK(t.sizes().equals(x_in.sizes()) && t.scalar_type() == dtype && t.device() == x_in.device(), bwd_name,
+                ": ", what, " must have the input's shape and device and dtype ", dtype, ", got ", t.sizes(), " ",
+                t.scalar_type(), " on ", t.device());
+  };
+  check_like(x_in, x_type, "input");
+  check_like(grad_out, grad_out.scalar_type(), "grad_out");
+  if (grad_sum) check_like(*grad_sum, s_type, "grad of the sum");
+  if (residual) check_like(*residual, r_type, "residual");
+  const at::ScalarType stat_type = acc_dtype(grad_out.scalar_type());
   for (const at::Tensor* s : {&mean, &rstd}) {
-    TORCH_CHECK(s->numel() == rows && s->scalar_type() == stat_type && s->device() == input.device(),
-                "fused_norm::layer_norm_bwd: mean/rstd must hold one ", stat_type, " per row (", rows,
-                "), got ", s->sizes(), " ", s->scalar_type());
+    TORCH_CHECK(s->numel() == rows && s->scalar_type() == stat_type && s->device() == x_in.device(), bwd_name,
+                ": mean/rstd must hold one ", stat_type, " per row (", rows, "), got ", s->sizes(), " ",
+                s->scalar_type());
   }
   const bool has_w = weight_opt.has_value() && weight_opt->defined();
   const bool has_b = bias_opt.has_value() && bias_opt->defined();
 
-  at::Tensor dx = empty_output(input.sizes(), input.options(), at::MemoryFormat::Contiguous);
-  const auto param_opts = input.options().dtype(w_type);
+  at::Tensor dx = empty_output(x_in.sizes(), grad_out.options(), at::MemoryFormat::Contiguous);
+  const bool want_dres = r_type != grad_out.scalar_type();
+  at::Tensor dres = want_dres ? empty_output(x_in.sizes(), grad_out.options().dtype(r_type),
+                                             at::MemoryFormat::Contiguous)
+                              : at::empty({0}, grad_out.options().dtype(r_type));
+  const auto param_opts = grad_out.options().dtype(w_type);
   at::Tensor dweight = has_w ? at::empty(normalized_shape, param_opts) : at::empty({0}, param_opts);
   at::Tensor dbias = has_b ? at::empty(normalized_shape, param_opts) : at::empty({0}, param_opts);
   if (rows == 0 || cols == 0) {
     dweight.zero_();
     dbias.zero_();
-    return {dx, dweight, dbias};
+    return {dx, dres, dweight, dbias};
   }
-  const auto [x, x_rs] = as_rows(input, k, cols);
+  const auto [x, x_rs] = as_rows(x_in, k, cols);
   const auto [dy, dy_rs] = as_rows(grad_out, k, cols);
   const at::Tensor mean_c = mean.contiguous();
   const at::Tensor rstd_c = rstd.contiguous();
@@ -173,15 +255,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   p.x_row_stride = x_rs;
   p.dx_row_stride = cols;
   p.x_dtype = x_dtype;
-  p.w_dtype = to_dtype(w_type, kOpName);
-  run_on_device(
-      input, [&] { layer_norm_bwd_cpu(p); },
-      FN_CUDA_LAUNCH([&](cudaStream_t stream) {
-        at::Tensor workspace;
-        const cudaError_t err = cuda_workspace(input, layer_norm_bwd_cuda_workspace_bytes, p, &workspace);
-        return err != cudaSuccess ? err : layer_norm_bwd_cuda(p, stream);
-      }));
+  p.w_dtype = to_dtype(w_type, name);
+  p.r_dtype = to_dtype(r_type, name);
+  p.s_dtype = to_dtype(s_type, name);
+  if (!add) {
+    run_on_device(
+        x_in, [&] { layer_norm_bwd_cpu(p); },
+        FN_CUDA_LAUNCH([&](cudaStream_t stream) {
+          at::Tensor workspace;
+          const cudaError_t err = cuda_workspace(x_in, layer_norm_bwd_cuda_workspace_bytes, p, &workspace);
+          return err != cudaSuccess ? err : layer_norm_bwd_cuda(p, stream);
+        }));
+    return {dx, dres, dweight, dbias};
+  }
+  at::Tensor r, ds;  // (kept alive until the kernel ran)
+  if (residual) {
+    int64_t r_rs = 0;
+    std::tie(r, r_rs) = as_rows(*residual, k, cols);
+    p.residual = r.const_data_ptr();
+    p.residual_row_stride = r_rs;
+  }
+  if (grad_sum) {
+    int64_t ds_rs = 0;
+    std::tie(ds, ds_rs) = as_rows(*grad_sum, k, cols);
+    p.dsum = ds.const_data_ptr();
+    p.dsum_row_stride = ds_rs;
+  }
+  if (want_dres) {
+    p.dresidual = dres.mutable_data_ptr();
+    p.dresidual_row_stride = cols;
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(x_in.is_cpu(), kAddOpName, ": no kernels for ", x_in.device(), " tensors");
+  layer_norm_bwd_cpu(p);
+  return {dx, dres, dweight, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                                              at::IntArrayRef normalized_shape,
+                                                              const at::Tensor& mean, const at::Tensor& rstd,
+                                                              const c10::optional<at::Tensor>& weight_opt,
+                                                              const c10::optional<at::Tensor>& bias_opt) {
+  to_dtype(input, kOpName);  // torch's "not implemented" first
+  TORCH_CHECK(grad_out.sizes().equals(input.sizes()) && grad_out.scalar_type() == input.scalar_type() &&
+                  grad_out.device() == input.device(),
+              "fused_norm::layer_norm_bwd: grad_out must match input in shape, dtype and device, got ",
+              grad_out.sizes(), " ", grad_out.scalar_type(), " vs ", input.sizes(), " ", input.scalar_type());
+  auto [dx, dres, dweight, dbias] = layer_norm_bwd_impl(grad_out, nullptr, input, nullptr, normalized_shape, mean,
+                                                        rstd, weight_opt, bias_opt, input.scalar_type(),
+                                                        input.scalar_type());
   return {dx, dweight, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_sum, const at::Tensor& x,
+    const c10::optional<at::Tensor>& residual, at::IntArrayRef normalized_shape, const at::Tensor& mean,
+    const at::Tensor& rstd, const c10::optional<at::Tensor>& weight_opt, const c10::optional<at::Tensor>& bias_opt,
+    at::ScalarType sum_dtype, at::ScalarType residual_dtype) {
+  const bool has_ds = grad_sum.has_value() && grad_sum->defined();
+  const bool has_r = residual.has_value() && residual->defined();
+  return layer_norm_bwd_impl(grad_out, has_ds ? &*grad_sum : nullptr, x, has_r ? &*residual : nullptr,
+                             normalized_shape, mean, rstd, weight_opt, bias_opt, sum_dtype, residual_dtype);
 }
 
 }  // namespace
@@ -191,11 +324,22 @@ TORCH_LIBRARY_FRAGMENT(fused_norm, m) {
         " -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor mean, Tensor rstd,"
         " Tensor? weight, Tensor? bias) -> (Tensor, Tensor, Tensor)");
+  // LayerNorm of input + residual: (y, new residual (empty unless store_sum), mean, rstd).
+  m.def("add_layer_norm_fwd(Tensor input, Tensor residual, SymInt[] normalized_shape, Tensor? weight,"
+        " Tensor? bias, float eps, bool residual_in_fp32, bool store_sum) -> (Tensor, Tensor, Tensor, Tensor)");
+  // x: the stored sum (residual None), or the input (the sum formed again with residual).
+  // (grad_input, grad_residual (empty when residual_dtype is grad_out's: grad_input is
+  // both), grad_weight, grad_bias).
+  m.def("add_layer_norm_bwd(Tensor grad_out, Tensor? grad_sum, Tensor x, Tensor? residual,"
+        " SymInt[] normalized_shape, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias,"
+        " ScalarType sum_dtype, ScalarType residual_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fused_norm, CPU, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd);
   m.impl("layer_norm_bwd", &layer_norm_bwd);
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd);
+  m.impl("add_layer_norm_bwd", &add_layer_norm_bwd);
 }
 
 #ifdef FUSED_NORM_WITH_CUDA
