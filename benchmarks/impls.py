@@ -28,6 +28,8 @@ class Inputs:
     running_var: torch.Tensor | None = None
     eps: float = 1e-5
     momentum: float = 0.1
+    residual: torch.Tensor | None = None  # residual add + LayerNorm: added to x before the norm
+    pre_norm: bool = False  # ... and the sum returned as a second output
 
     @property
     def normalized_shape(self):
@@ -73,13 +75,19 @@ class Impl:
             return None
 
     def forward(self, norm: str, inputs: Inputs, training: bool):
-        """(fn, params): fn(x) -> y, and the parameter tensors that receive gradients."""
+        """(fn, params): fn(x) -> y (or a tuple of outputs), and the parameter tensors that receive
+        gradients (the residual among them)."""
+        if norm == "ln" and inputs.residual is not None:
+            return self.add_layer_norm(inputs)
         if norm == "ln":
             return self.layer_norm(inputs)
         return self.batch_norm(inputs, training)
 
     def layer_norm(self, inputs: Inputs):
         raise NotImplementedError
+
+    def add_layer_norm(self, inputs: Inputs):
+        raise NotImplementedError(f"{self.label} has no residual add + LayerNorm")
 
     def batch_norm(self, inputs: Inputs, training: bool):
         raise NotImplementedError
@@ -104,9 +112,20 @@ class FusedNorm(Impl):
         return (lambda x: fused_norm.batch_norm(x, rm, rv, t.weight, t.bias, training, t.momentum, t.eps)), \
             [t.weight, t.bias]
 
+    def add_layer_norm(self, t):
+        fn = fused_norm.add_layer_norm if t.pre_norm else fused_norm.add_layer_norm_post
+        return (lambda x: fn(x, t.residual, t.normalized_shape, t.weight, t.bias, t.eps)), \
+            [t.residual, t.weight, t.bias]
+
 
 def _ln_ref(x, weight, bias, normalized_shape, eps):
     return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+def _add_ln_ref(x, residual, weight, bias, normalized_shape, eps, pre_norm):
+    s = x + residual
+    y = F.layer_norm(s, normalized_shape, weight, bias, eps)
+    return (y, s) if pre_norm else y
 
 
 def _bn_ref(x, running_mean, running_var, weight, bias, training, momentum, eps):
@@ -125,6 +144,10 @@ class TorchEager(Impl):
         rm, rv = t.running_stats()
         return (lambda x: _bn_ref(x, rm, rv, t.weight, t.bias, training, t.momentum, t.eps)), [t.weight, t.bias]
 
+    def add_layer_norm(self, t):
+        return (lambda x: _add_ln_ref(x, t.residual, t.weight, t.bias, t.normalized_shape, t.eps, t.pre_norm)), \
+            [t.residual, t.weight, t.bias]
+
 
 class TorchCompile(Impl):
     """torch.compile (Inductor, static shapes) of the torch reference functions. Dynamo is reset
@@ -137,7 +160,7 @@ class TorchCompile(Impl):
 
     def __init__(self):
         self._key = None
-        self._ln = self._bn = None
+        self._ln = self._bn = self._add_ln = None
 
     def _compiled(self, x):
         key = (tuple(x.shape), x.stride(), x.dtype, x.device)
@@ -145,6 +168,7 @@ class TorchCompile(Impl):
             torch._dynamo.reset()
             self._ln = torch.compile(_ln_ref, dynamic=False)
             self._bn = torch.compile(_bn_ref, dynamic=False)
+            self._add_ln = torch.compile(_add_ln_ref, dynamic=False)
             self._key = key
         return self._ln, self._bn
 
@@ -156,6 +180,12 @@ class TorchCompile(Impl):
         _, bn = self._compiled(t.x)
         rm, rv = t.running_stats()
         return (lambda x: bn(x, rm, rv, t.weight, t.bias, training, t.momentum, t.eps)), [t.weight, t.bias]
+
+    def add_layer_norm(self, t):
+        self._compiled(t.x)
+        fn = self._add_ln
+        return (lambda x: fn(x, t.residual, t.weight, t.bias, t.normalized_shape, t.eps, t.pre_norm)), \
+            [t.residual, t.weight, t.bias]
 
 
 class Apex(Impl):
