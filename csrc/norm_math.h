@@ -93,6 +93,13 @@ FN_HD T moments_rstd(const Moments<T>& m, double eps) {
   return fn_rsqrt(moments_var(m) + static_cast<T>(eps));
 }
 
+// RMSNorm's 1/sqrt(mean(x^2) + eps) from the moments of the row: mean(x^2) = M2/count +
+// mean^2 (a sum of non-negative terms: no cancellation).
+template <typename T>
+FN_HD T moments_rms_rstd(const Moments<T>& m, double eps) {
+  return fn_rsqrt(moments_var(m) + m.mean * m.mean + static_cast<T>(eps));
+}
+
 // LayerNorm input gradient for one element of a row of n columns.
 //   g = dy * weight, xhat = (x - mean) * rstd,
 //   sum_g = sum_j g_j, sum_gx = sum_j g_j * xhat_j  (row sums)

@@ -16,6 +16,14 @@ enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3
 // weight and bias share w_dtype, which is x_dtype or (for fp16/bf16 x) float.
 // r_dtype and s_dtype are x_dtype, or float for fp16/bf16 x (s_dtype is float when
 // r_dtype is); without a residual both are x_dtype.
+//
+// RMSNorm is the same row machinery without the mean (rms = true): mean and bias are
+// null, rstd = 1 / sqrt(sum(x^2) / cols + eps) and
+//   y = xhat * (weight + weight_offset),  xhat = x * rstd,
+// in the accumulation type, rounded once to x_dtype (torch's rms_norm; Gemma's x_hat *
+// (1 + w) is weight_offset = 1). With round_xhat, xhat is rounded to x_dtype before the
+// weight multiplies it, and the product rounded again (Hugging Face's Llama family:
+// weight * xhat.to(input_dtype)); a no-op for float32/float64 x.
 struct LayerNormFwdParams {
   const void* x = nullptr;
   const void* weight = nullptr;
@@ -28,6 +36,9 @@ struct LayerNormFwdParams {
   int64_t x_row_stride = 0;  // elements between rows of x; the last dim is contiguous
   int64_t y_row_stride = 0;
   double eps = 1e-5;
+  bool rms = false;
+  double weight_offset = 0.0;  // RMSNorm only (0 for LayerNorm)
+  bool round_xhat = false;     // RMSNorm only
   DType x_dtype = DType::kFloat32;
   DType w_dtype = DType::kFloat32;
   // Residual add: null for a plain LayerNorm.
@@ -49,6 +60,11 @@ struct LayerNormFwdParams {
 // without residual terms r_dtype = s_dtype = x_dtype.
 // workspace: scratch of the size the backend's workspace query returned (may be
 // null when that size is 0).
+// RMSNorm (rms = true; mean and dbias null): the same with mean = 0, g = dy * (weight +
+// weight_offset) and no sum(g) term: dx = rstd * (g - xhat * sum(g * xhat) / cols).
+// (The forward's round_xhat is not seen here: its rounding has a zero derivative almost
+// everywhere, and the gradient is that of the unrounded function, as torch's autograd
+// of the cast gives.)
 struct LayerNormBwdParams {
   const void* dy = nullptr;
   const void* x = nullptr;
@@ -64,6 +80,8 @@ struct LayerNormBwdParams {
   int64_t dy_row_stride = 0;
   int64_t x_row_stride = 0;
   int64_t dx_row_stride = 0;
+  bool rms = false;
+  double weight_offset = 0.0;
   DType x_dtype = DType::kFloat32;
   DType w_dtype = DType::kFloat32;
   // Residual add: null for a plain LayerNorm.

@@ -3,22 +3,25 @@
 The ops live in the ``torch.ops.fused_norm`` namespace (CPU and, when built with CUDA,
 CUDA kernels), with fake kernels and autograd so that ``torch.compile`` traces them.
 ``layer_norm`` mirrors ``torch.nn.functional.layer_norm``; ``FusedLayerNorm`` is a
-``torch.nn.LayerNorm`` subclass. ``batch_norm`` mirrors ``torch.nn.functional.batch_norm``;
+``torch.nn.LayerNorm`` subclass; ``rms_norm`` and ``FusedRMSNorm`` are the same for
+``torch.nn.functional.rms_norm`` / ``torch.nn.RMSNorm``. ``batch_norm`` mirrors ``torch.nn.functional.batch_norm``;
 ``FusedBatchNorm1d/2d/3d`` subclass ``torch.nn.BatchNorm1d/2d/3d``, and
 ``FusedSyncBatchNorm`` ``torch.nn.SyncBatchNorm`` (statistics synchronized through
 torch.distributed, on CPU/gloo as well as CUDA/NCCL). ``convert_model`` switches the
 torch norm layers of an existing model to the fused modules, in place.
 ``add_layer_norm`` / ``add_layer_norm_post`` (modules ``FusedAddLayerNorm`` /
-``FusedPostAddLayerNorm``) fuse a transformer block's residual add into the LayerNorm;
-``fuse_add_norm`` makes a Hugging Face BERT use them.
+``FusedPostAddLayerNorm``) and ``add_rms_norm`` / ``add_rms_norm_post`` (``FusedAddRMSNorm`` /
+``FusedPostAddRMSNorm``) fuse a transformer block's residual add into the norm;
+``fuse_add_norm`` makes Hugging Face BERT and Llama layers use them.
 """
 
 from . import _ops  # noqa: F401  (registers the ops, fake kernels and autograd)
 from ._ops import cpu_capability, set_cpu_capability
 from .convert import convert_model, fuse_add_norm
-from .functional import add_layer_norm, add_layer_norm_post, batch_norm, layer_norm
-from .modules import (FusedAddLayerNorm, FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedLayerNorm,
-                      FusedPostAddLayerNorm, FusedSyncBatchNorm)
+from .functional import (add_layer_norm, add_layer_norm_post, add_rms_norm, add_rms_norm_post, batch_norm,
+                         layer_norm, rms_norm)
+from .modules import (FusedAddLayerNorm, FusedAddRMSNorm, FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d,
+                      FusedLayerNorm, FusedPostAddLayerNorm, FusedPostAddRMSNorm, FusedRMSNorm, FusedSyncBatchNorm)
 
 __all__ = [
     "layer_norm",
@@ -27,6 +30,12 @@ __all__ = [
     "add_layer_norm_post",
     "FusedAddLayerNorm",
     "FusedPostAddLayerNorm",
+    "rms_norm",
+    "FusedRMSNorm",
+    "add_rms_norm",
+    "add_rms_norm_post",
+    "FusedAddRMSNorm",
+    "FusedPostAddRMSNorm",
     "batch_norm",
     "FusedBatchNorm1d",
     "FusedBatchNorm2d",

@@ -108,14 +108,14 @@ def _backward_of(math):
 
 
 @torch.library.register_fake("fused_norm::layer_norm_fwd")
-def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps):
+def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps, shape_sep=", "):
     _check_devices(input, weight, bias)
     k = len(normalized_shape)
     torch._check(k >= 1, lambda: "Expected normalized_shape to be at least 1-dimensional")
     torch._check(
         input.dim() >= k and tuple(input.shape[input.dim() - k:]) == tuple(normalized_shape),
         lambda: f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
-        f"[*, {', '.join(str(s) for s in normalized_shape)}], but got input of size{list(input.shape)}",
+        f"[*{shape_sep}{', '.join(str(s) for s in normalized_shape)}], but got input of size{list(input.shape)}",
     )
     stats_shape = list(input.shape[: input.dim() - k]) + [1] * k
     y = torch.empty(input.shape, dtype=input.dtype, device=input.device)
@@ -341,6 +341,147 @@ def _layer_norm_bwd_vmap(info, in_dims, grad_out, input, normalized_shape, mean,
     empty = x.new_empty((0,), dtype=dtype)
     return (dx, dw if dw is not None else empty, db if db is not None else empty), \
         (0, 0 if dw is not None else None, 0 if db is not None else None)
+
+
+# ---------------------------------------------------------------------------------------
+# RMSNorm: LayerNorm's kernels without the mean and the bias (csrc/params.h). The op's
+# weight_offset is added to the weight (Gemma's x_hat * (1 + w)); round_xhat rounds
+# x_hat to the input's dtype before the weight multiplies it (Llama's
+# weight * x_hat.to(input_dtype)).
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("fused_norm::rms_norm_fwd")
+def _rms_norm_fwd_fake(input, normalized_shape, weight, eps, weight_offset=0.0, round_xhat=False):
+    y, _, rstd = _layer_norm_fwd_fake(input, normalized_shape, weight, None, eps, shape_sep="")  # torch's message
+    if not input.is_contiguous() and torch._prims_common.is_non_overlapping_and_dense(input):
+        y = torch.empty_like(input)  # keeps a dense input's strides, as torch's rms_norm (the C++ op)
+    return y, rstd
+
+
+@torch.library.register_fake("fused_norm::rms_norm_bwd")
+def _rms_norm_bwd_fake(grad_out, input, normalized_shape, rstd, weight, weight_offset=0.0):
+    _check_devices(input, grad_out, rstd, weight)
+    dx = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    dw = input.new_empty(tuple(normalized_shape) if weight is not None else (0,), dtype=_param_dtype(input, weight,
+                                                                                                      None))
+    return dx, dw
+
+
+def _rms_norm_bwd_math(grad_out, input, normalized_shape, rstd, weight, weight_offset=0.0):
+    """rms_norm_bwd in torch ops, for its autograd (the double backward of rms_norm and
+    every higher order): rstd recomputed from the input so that its dependence on it is
+    differentiated, eps recovered from the saved rstd."""
+    acc = _acc_dtype(input.dtype)
+    k = len(normalized_shape)
+    dims = tuple(range(input.dim() - k, input.dim()))
+    lead = tuple(range(input.dim() - k))
+    dy, x = grad_out.to(acc), input.to(acc)
+    ms = x.square().mean(dims, keepdim=True)
+    eps = rstd.detach().to(acc).reshape(ms.shape).pow(-2) - ms.detach()
+    r = (ms + eps).rsqrt()
+    xhat = x * r
+    g = dy * (weight.to(acc) + weight_offset) if weight is not None else dy
+    dx = r * (g - xhat * (g * xhat).mean(dims, keepdim=True))
+    dw = _sum_over(dy * xhat, lead).to(_param_dtype(input, weight, None)) if weight is not None else None
+    return dx.to(input.dtype), dw
+
+
+torch.library.register_autograd("fused_norm::rms_norm_bwd", _backward_of(_rms_norm_bwd_math),
+                                setup_context=_save_inputs)
+
+
+# Residual add + RMSNorm (add_rms_norm): as add_layer_norm, on the RMSNorm kernels.
+
+
+@torch.library.register_fake("fused_norm::add_rms_norm_fwd")
+def _add_rms_norm_fwd_fake(input, residual, normalized_shape, weight, eps, weight_offset, round_xhat,
+                           residual_in_fp32, store_sum):
+    _check_residual(input, residual)
+    sum_dtype = _add_sum_dtype(input.dtype, residual.dtype, residual_in_fp32)
+    y, _, rstd = _layer_norm_fwd_fake(input, normalized_shape, weight, None, eps, shape_sep="")
+    s = torch.empty(input.shape if store_sum else (0,), dtype=sum_dtype, device=input.device)
+    return y, s, rstd
+
+
+@torch.library.register_fake("fused_norm::add_rms_norm_bwd")
+def _add_rms_norm_bwd_fake(grad_out, grad_sum, x, residual, normalized_shape, rstd, weight, weight_offset,
+                           sum_dtype, residual_dtype):
+    dx, dres, dw, _ = _add_layer_norm_bwd_fake(grad_out, grad_sum, x, residual, normalized_shape, rstd, rstd,
+                                               weight, None, sum_dtype, residual_dtype)
+    return dx, dres, dw
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    input, residual, normalized_shape, weight, _, weight_offset, _, _, store_sum = inputs
+    s, rstd = output[1:]
+    x, res = (s, None) if store_sum else (input, residual)
+    ctx.save_for_backward(x, res, rstd, weight)
+    ctx.normalized_shape = normalized_shape
+    ctx.weight_offset = weight_offset
+    ctx.dtypes = (input.dtype, s.dtype, residual.dtype)
+    ctx.store_sum = store_sum
+
+
+def _add_rms_norm_backward(ctx, dy, ds, _drstd):
+    x, res, rstd, weight = ctx.saved_tensors
+    x_dtype, sum_dtype, r_dtype = ctx.dtypes
+    if dy is None:  # only the sum reached the loss
+        dy = torch.zeros(x.shape, dtype=x_dtype, device=x.device)
+    dx, dres, dw = ops.add_rms_norm_bwd(dy, ds if ctx.store_sum else None, x, res, ctx.normalized_shape, rstd, weight,
+                                        ctx.weight_offset, sum_dtype, r_dtype)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, (dx if r_dtype == x_dtype else dres) if need[1] else None, None,
+            dw if weight is not None and need[3] else None, None, None, None, None, None)
+
+
+torch.library.register_autograd("fused_norm::add_rms_norm_fwd", _add_rms_norm_backward,
+                                setup_context=_add_rms_norm_setup)
+
+
+def _add_rms_norm_bwd_math(grad_out, grad_sum, x, residual, normalized_shape, rstd, weight, weight_offset, sum_dtype,
+                           residual_dtype):
+    """add_rms_norm_bwd in torch ops (its autograd), as _add_layer_norm_bwd_math."""
+    acc = _acc_dtype(grad_out.dtype)
+    s = x if residual is None else (x.to(acc) + residual.to(acc)).to(sum_dtype)
+    dx, dw = _rms_norm_bwd_math(grad_out, s, normalized_shape, rstd, weight, weight_offset)
+    dx = dx.to(acc) if grad_sum is None else dx.to(acc) + grad_sum.to(acc)
+    return dx.to(grad_out.dtype), dx.to(residual_dtype) if residual_dtype != grad_out.dtype else None, dw
+
+
+torch.library.register_autograd("fused_norm::add_rms_norm_bwd", _backward_of(_add_rms_norm_bwd_math),
+                                setup_context=_save_inputs)
+
+
+@torch.library.register_vmap("fused_norm::rms_norm_fwd")
+def _rms_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, eps, weight_offset=0.0, round_xhat=False):
+    x_bdim, _, w_bdim = in_dims[:3]
+    x = _to_front(input, x_bdim, info.batch_size)
+    if w_bdim is None:
+        return ops.rms_norm_fwd(x, normalized_shape, weight, eps, weight_offset, round_xhat), (0, 0)
+    y, rstd = ops.rms_norm_fwd(x, normalized_shape, None, eps, 0.0, round_xhat)
+    acc = _acc_dtype(x.dtype)
+    w = _per_sample_param(weight, w_bdim, x.dim(), len(normalized_shape)).to(acc) + weight_offset
+    return ((y.to(acc) * w).to(x.dtype), rstd), (0, 0)
+
+
+@torch.library.register_vmap("fused_norm::rms_norm_bwd")
+def _rms_norm_bwd_vmap(info, in_dims, grad_out, input, normalized_shape, rstd, weight, weight_offset=0.0):
+    dy_bdim, x_bdim, _, r_bdim, w_bdim = in_dims[:5]
+    B = info.batch_size
+    dy, x, rstd = (_to_front(t, d, B) for t, d in ((grad_out, dy_bdim), (input, x_bdim), (rstd, r_bdim)))
+    k = len(normalized_shape)
+    acc = _acc_dtype(x.dtype)
+    if w_bdim is None:
+        dx = ops.rms_norm_bwd(dy, x, normalized_shape, rstd, weight, weight_offset)[0]
+    else:  # dx depends on the weight only through g = dy * (weight + weight_offset)
+        w = _per_sample_param(weight, w_bdim, x.dim(), k).to(acc) + weight_offset
+        dx = ops.rms_norm_bwd((dy.to(acc) * w).to(x.dtype), x, normalized_shape, rstd, None)[0]
+    dtype = _param_dtype(input, weight, None)
+    if weight is None:
+        return (dx, x.new_empty((0,), dtype=dtype)), (0, None)
+    lead = tuple(range(1, x.dim() - k))  # the rows of one sample
+    return (dx, _sum_over(dy.to(acc) * (x.to(acc) * rstd), lead).to(dtype)), (0, 0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -121,6 +121,97 @@ def add_layer_norm_post(
                            residual_in_fp32, False)[0]
 
 
+def _rms_weight(input: torch.Tensor, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The weight as the kernels take it: input's dtype or, for float16/bfloat16 input,
+    float32. torch's rms_norm accepts any floating weight (it multiplies the float32, or
+    float64, normalized input by it and rounds to input's dtype): other dtypes are cast to
+    the input's accumulation dtype, which is exact for a narrower weight; a float64
+    weight of a float32/16-bit input is rounded to float32 first."""
+    if weight is None or weight.dtype == input.dtype or not weight.is_floating_point() \
+            or not input.is_floating_point():
+        return weight
+    if weight.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16):
+        return weight
+    return weight.to(_acc_dtype(input.dtype))
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: List[int],
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+) -> torch.Tensor:
+    r"""Root mean square normalization over the trailing ``normalized_shape`` dims, as
+    :func:`torch.nn.functional.rms_norm` (``eps=None``: ``torch.finfo(input.dtype).eps``),
+    computed by fused_norm's kernels."""
+    if has_torch_function_variadic(input, weight):
+        return handle_torch_function(rms_norm, (input, weight), input, normalized_shape, weight=weight, eps=eps)
+    try:
+        if input.dim() < len(normalized_shape):  # torch's check, before the shape's
+            raise ValueError(f"Input tensor must have at least {len(normalized_shape)} dimensions, but got "
+                             f"{input.dim()}")
+        if eps is None:
+            eps = torch.finfo(input.dtype).eps if input.is_floating_point() else 0.0
+        return ops.rms_norm_fwd(input, list(normalized_shape), _rms_weight(input, weight), eps)[0]
+    except (RuntimeError, TypeError, AttributeError):
+        _raise_type_error("rms_norm", (("input", input, "Tensor"), ("normalized_shape", normalized_shape, "ints"),
+                                       ("weight", weight, "Tensor?"), ("eps", 0.0 if eps is None else eps, "float")))
+        raise
+
+
+def _add_rms_norm(fn, input, residual, normalized_shape, weight, eps, residual_in_fp32, store_sum, round_xhat=False):
+    try:
+        if eps is None:  # torch's rms_norm of the sum: the machine epsilon of the sum's dtype
+            eps = torch.finfo(torch.float32 if residual_in_fp32 else torch.promote_types(input.dtype,
+                                                                                         residual.dtype)).eps
+        return ops.add_rms_norm_fwd(input, residual, list(normalized_shape), _rms_weight(input, weight), eps, 0.0,
+                                    round_xhat, residual_in_fp32, store_sum)
+    except (RuntimeError, TypeError, AttributeError):
+        _raise_type_error(fn, (("input", input, "Tensor"), ("residual", residual, "Tensor"),
+                               ("normalized_shape", normalized_shape, "ints"), ("weight", weight, "Tensor?"),
+                               ("eps", 0.0 if eps is None else eps, "float")))
+        raise
+
+
+def add_rms_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: List[int],
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+    *,
+    residual_in_fp32: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""The residual add and RMSNorm of a pre-norm block (Llama's) in one pass: returns
+    ``(output, new_residual)``, ``new_residual = input + residual`` as in
+    :func:`add_layer_norm` and ``output = rms_norm(new_residual, normalized_shape, weight,
+    eps)`` in ``input``'s dtype (``eps=None``: the machine epsilon of the sum's dtype, as
+    :func:`torch.nn.functional.rms_norm`)."""
+    if has_torch_function_variadic(input, residual, weight):
+        return handle_torch_function(add_rms_norm, (input, residual, weight), input, residual, normalized_shape,
+                                     weight=weight, eps=eps, residual_in_fp32=residual_in_fp32)
+    y, s = _add_rms_norm("add_rms_norm", input, residual, normalized_shape, weight, eps, residual_in_fp32, True)[:2]
+    return y, s
+
+
+def add_rms_norm_post(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: List[int],
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+    *,
+    residual_in_fp32: bool = False,
+) -> torch.Tensor:
+    r"""``rms_norm(input + residual, ...)`` without writing the sum: :func:`add_rms_norm`'s
+    ``output`` alone."""
+    if has_torch_function_variadic(input, residual, weight):
+        return handle_torch_function(add_rms_norm_post, (input, residual, weight), input, residual,
+                                     normalized_shape, weight=weight, eps=eps, residual_in_fp32=residual_in_fp32)
+    return _add_rms_norm("add_rms_norm_post", input, residual, normalized_shape, weight, eps, residual_in_fp32,
+                         False)[0]
+
+
 def _verify_batch_size(size: List[int]) -> None:
     size_prods = size[0]
     for i in range(len(size) - 2):

@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .functional import _batch_norm, _SyncBatchNorm, add_layer_norm, add_layer_norm_post, layer_norm
+from .functional import (_batch_norm, _SyncBatchNorm, add_layer_norm, add_layer_norm_post, add_rms_norm,
+                         add_rms_norm_post, layer_norm, rms_norm)
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -43,6 +44,49 @@ class FusedPostAddLayerNorm(nn.LayerNorm):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return add_layer_norm_post(input, residual, self.normalized_shape, self.weight, self.bias, self.eps)
+class FusedRMSNorm(nn.RMSNorm):
+    r"""Drop-in for :class:`torch.nn.RMSNorm` (same constructor, parameters and
+    checkpoints) whose forward runs fused_norm's RMSNorm kernels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript calls the op (the functional form is Python only)
+            eps = self.eps if self.eps is not None else _machine_eps(x.dtype)
+            return torch.ops.fused_norm.rms_norm_fwd(x, list(self.normalized_shape), self.weight, eps)[0]
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class FusedAddRMSNorm(nn.RMSNorm):
+    r"""A :class:`torch.nn.RMSNorm` (same constructor, parameters and checkpoints; an
+    instance of it) whose ``forward(input, residual)`` is the pre-norm add-and-norm:
+    returns ``(output, new_residual)`` as :func:`fused_norm.add_rms_norm`.
+    ``residual_in_fp32`` (keyword, default False) keeps the new residual in float32."""
+
+    def __init__(self, *args, residual_in_fp32: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.residual_in_fp32 = residual_in_fp32
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps,
+                            residual_in_fp32=self.residual_in_fp32)
+
+
+class FusedPostAddRMSNorm(nn.RMSNorm):
+    r"""A :class:`torch.nn.RMSNorm` whose ``forward(input, residual)`` returns
+    ``RMSNorm(input + residual)`` in one pass, as :func:`fused_norm.add_rms_norm_post`."""
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return add_rms_norm_post(input, residual, self.normalized_shape, self.weight, self.eps)
+
+
+def _machine_eps(dtype: torch.dtype) -> float:
+    """torch.finfo(dtype).eps of the kernels' dtypes, in a form TorchScript compiles."""
+    if dtype == torch.float64:
+        return 2.220446049250313e-16
+    if dtype == torch.float16:
+        return 0.0009765625
+    if dtype == torch.bfloat16:
+        return 0.0078125
+    return 1.1920928955078125e-07
 
 
 class _FusedBatchNormForward:

@@ -274,3 +274,74 @@ def test_modules_are_layer_norms():
 def test_empty():
     y, s = fused_norm.add_layer_norm(torch.randn(0, 8), torch.randn(0, 8), (8,))
     assert y.shape == s.shape == (0, 8)
+
+
+# ---------------------------------------------------------------------------------------
+# add_rms_norm: the same on the RMSNorm kernels, against F.rms_norm(input + residual).
+
+
+def _rms_ours(pre):
+    def fn(x, r, ns, w, b, eps, fp32):
+        if pre:
+            return fused_norm.add_rms_norm(x, r, ns, w, eps, residual_in_fp32=fp32)
+        return fused_norm.add_rms_norm_post(x, r, ns, w, eps, residual_in_fp32=fp32), None
+    return fn
+
+
+def _rms_unfused(x, r, norm_shape, w, b, eps, residual_in_fp32, round_to=None):
+    s = x + r
+    if residual_in_fp32:
+        s = s.float()
+    if round_to is not None:
+        s = s.to(round_to).to(s.dtype)
+    return F.rms_norm(s, norm_shape, None if w is None else w.to(s.dtype), eps).to(x.dtype), s
+
+
+@pytest.mark.parametrize("pre", [True, False], ids=["pre", "post"])
+@pytest.mark.parametrize("dtype,rdtype,fp32,wdtype", [CASES[i] for i in (0, 1, 2, 4, 5, 6)],
+                         ids=[CASE_IDS[i] for i in (0, 1, 2, 4, 5, 6)])
+@pytest.mark.parametrize("shape,norm_shape", SHAPES, ids=[str(s[0]) for s in SHAPES])
+def test_add_rms_norm_matches_unfused(shape, norm_shape, dtype, rdtype, fp32, wdtype, pre):
+    x, r, w, _, dy, ds = _inputs(shape, norm_shape, dtype, rdtype, wdtype)
+    sum_dtype = torch.float32 if fp32 else rdtype
+    dy, ds = dy.to(dtype).double(), ds.to(sum_dtype).double()
+    with count_fused_calls() as calls:
+        ours = _run(_rms_ours(pre), x, r, norm_shape, w, None, dy, ds, pre, 1e-6, fp32)
+    assert calls.n == 2
+    theirs = _run(_rms_unfused, x, r, norm_shape, w, None, dy, ds, pre, 1e-6, fp32)
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = _run(_rms_unfused, d64(x), d64(r), norm_shape, d64(w), None, dy, ds, pre, 1e-6, False, sum_dtype)
+    for name, o, t, rf in zip(("y", "new_residual", "dx", "dresidual", "dweight"), ours, theirs, ref):
+        if rf is None or o is None:
+            continue
+        assert o.shape == rf.shape, name
+        assert_close_to_reference(o, t.to(o.dtype), rf, o.dtype if name != "dweight" else x.dtype, name)
+
+
+def test_add_rms_norm_gradcheck_opcheck_compile():
+    x, r = (torch.randn(5, 2, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    pre = lambda *a: fused_norm.add_rms_norm(a[0], a[1], (2, 7), a[2], 1e-6)  # noqa: E731
+    post = lambda *a: fused_norm.add_rms_norm_post(a[0], a[1], (2, 7), a[2], 1e-6)  # noqa: E731
+    for fn in (pre, post):
+        assert torch.autograd.gradcheck(fn, (x, r, w))
+        assert torch.autograd.gradgradcheck(fn, (x, r, w))
+    for store_sum in (True, False):
+        torch.library.opcheck(ops.add_rms_norm_fwd, (x, r, [2, 7], w, 1e-6, 0.0, False, False, store_sum))
+        with torch.no_grad():
+            _, s, rstd = ops.add_rms_norm_fwd(x, r, [2, 7], w, 1e-6, 0.0, False, False, store_sum)
+        args = (s, None) if store_sum else (x.detach(), r.detach())
+        torch.library.opcheck(ops.add_rms_norm_bwd, (torch.randn_like(x), torch.randn_like(x) if store_sum else None,
+                                                     *args, [2, 7], rstd, w.detach(), 0.0, torch.float64,
+                                                     torch.float64))
+    norm = fused_norm.FusedAddRMSNorm(7, eps=1e-6).double()
+    post_norm = fused_norm.FusedPostAddRMSNorm(7).double()
+    assert isinstance(norm, nn.RMSNorm) and norm.state_dict().keys() == nn.RMSNorm(7).state_dict().keys()
+
+    def block(h, res):
+        y, res = norm(h, res)
+        return post_norm(y.sin(), res)
+
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(x, r)
+    torch.testing.assert_close(out, block(x, r))
+    torch.testing.assert_close(out, F.rms_norm((F.rms_norm(x + r, (7,), eps=1e-6)).sin() + x + r, (7,)))

@@ -335,3 +335,42 @@ def test_fuse_add_norm_leaves_others_alone():
     assert type(layer.output).__name__ == "BertOutput" and type(layer.attention.output) is sub
     assert type(model.bert.encoder.layer[1].output).__name__ == "FusedAddNormBertOutput"
     assert type(model.bert.embeddings.LayerNorm) is nn.LayerNorm
+
+
+def test_llama_fused_add_norm_matches_unconverted():
+    """fuse_add_norm on a Llama decoder (pre-norm RMSNorm: the residual after the attention
+    and post_attention_layernorm fused into add_rms_norm): 3 SGD steps give the unconverted
+    model's logits, loss, gradients and parameters."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.rand(p.shape) * 0.2)
+    converted = fused_norm.fuse_add_norm(copy.deepcopy(model))
+    assert [type(m).__name__ for m in converted.model.layers] == ["FusedAddNormLlamaDecoderLayer"] * 2
+    assert converted.state_dict().keys() == model.state_dict().keys()
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, converted)]
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, 100, (2, 10), generator=g)
+        outs = []
+        for m, opt in zip((model, converted), optimizers):
+            opt.zero_grad()
+            with count_fused_calls() as calls:
+                out = m(input_ids=ids, labels=ids)
+                out.loss.backward()
+            outs.append((out, calls.n))
+        (out_a, n_a), (out_b, n_b) = outs
+        assert n_a == 0 and n_b == 2 * 2  # forward and backward of one add+norm per layer
+        _assert_same(out_a.logits, out_b.logits, "logits")
+        _assert_same(out_a.loss, out_b.loss, "loss")
+        ga, gb = _grads(model), _grads(converted)
+        for k in ga:
+            _assert_same(ga[k], gb[k], f"grad {k}")
+        for opt in optimizers:
+            opt.step()
+    for (k, a), b in zip(model.named_parameters(), converted.parameters()):
+        _assert_same(a, b, k)

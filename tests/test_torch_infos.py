@@ -1,6 +1,6 @@
 """PyTorch's own test inputs, run through fused_norm: the ModuleInfos of nn.LayerNorm,
-nn.BatchNorm1d/2d/3d (also as SyncBatchNorm) from torch.testing._internal.common_modules
-and the OpInfos of nn.functional.layer_norm / batch_norm from common_methods_invocations,
+nn.RMSNorm, nn.BatchNorm1d/2d/3d (also as SyncBatchNorm) from torch.testing._internal.common_modules
+and the OpInfos of nn.functional.layer_norm / batch_norm / rms_norm from common_methods_invocations,
 with our classes and functions in place of torch's, on every device of the suite (the
 `device` fixture). Every sample's forward, gradients, memory format and state are
 compared with torch's; errors must match; float64 samples go through gradcheck,
@@ -25,6 +25,7 @@ from torch.testing._internal.common_modules import ModuleErrorEnum, module_db  #
 
 OURS = {
     nn.LayerNorm: fused_norm.FusedLayerNorm,
+    nn.RMSNorm: fused_norm.FusedRMSNorm,
     nn.BatchNorm1d: fused_norm.FusedBatchNorm1d,
     nn.BatchNorm2d: fused_norm.FusedBatchNorm2d,
     nn.BatchNorm3d: fused_norm.FusedBatchNorm3d,
@@ -191,7 +192,8 @@ def test_module_pickle_repr_state_dict_swap(device, info, theirs_cls, ours_cls):
 
 # --- OpInfos ----------------------------------------------------------------------------
 
-OP_FNS = {"nn.functional.layer_norm": fused_norm.layer_norm, "nn.functional.batch_norm": fused_norm.batch_norm}
+OP_FNS = {"nn.functional.layer_norm": fused_norm.layer_norm, "nn.functional.batch_norm": fused_norm.batch_norm,
+          "nn.functional.rms_norm": fused_norm.rms_norm}
 OP_INFOS = [o for o in op_db if o.name in OP_FNS]
 OP_IDS = [f"{o.name}{'.' + o.variant_test_name if o.variant_test_name else ''}" for o in OP_INFOS]
 

@@ -1,4 +1,4 @@
-// Autograd of layer_norm_fwd and batch_norm_fwd, registered in C++ (the Autograd
+// Autograd of layer_norm_fwd, rms_norm_fwd and batch_norm_fwd, registered in C++ (the Autograd
 // dispatch key) rather than with torch.library.register_autograd: a Python autograd
 // kernel costs every call ~6 us even without grad, and ~35 us with grad (measured on
 // LayerNorm 128x256 fp32, where the kernel itself takes ~10 us), which made small shapes
@@ -33,6 +33,10 @@ using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
 using LayerNormFwd = Tensors3(const Tensor&, c10::SymIntArrayRef, const OptTensor&, const OptTensor&, double);
 using LayerNormBwd = Tensors3(const Tensor&, const Tensor&, c10::SymIntArrayRef, const Tensor&, const Tensor&,
                               const OptTensor&, const OptTensor&);
+using Tensors2 = std::tuple<Tensor, Tensor>;
+using RmsNormFwd = Tensors2(const Tensor&, c10::SymIntArrayRef, const OptTensor&, double, double, bool);
+using RmsNormBwd = Tensors2(const Tensor&, const Tensor&, c10::SymIntArrayRef, const Tensor&, const OptTensor&,
+                            double);
 using BatchNormFwd = Tensors3(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                               const OptTensor&, bool, c10::optional<double>, double);
 using BatchNormBwd = Tensors3(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
@@ -40,6 +44,8 @@ using BatchNormBwd = Tensors3(const Tensor&, const Tensor&, const OptTensor&, co
 
 constexpr char kLayerNormFwd[] = "fused_norm::layer_norm_fwd";
 constexpr char kLayerNormBwd[] = "fused_norm::layer_norm_bwd";
+constexpr char kRmsNormFwd[] = "fused_norm::rms_norm_fwd";
+constexpr char kRmsNormBwd[] = "fused_norm::rms_norm_bwd";
 constexpr char kBatchNormFwd[] = "fused_norm::batch_norm_fwd";
 constexpr char kBatchNormBwd[] = "fused_norm::batch_norm_bwd";
 
@@ -309,6 +315,77 @@ Tensors3 layer_norm_fwd_autograd(const Tensor& input, c10::SymIntArrayRef normal
   return out;
 }
 
+// RMSNorm: the node saves rstd as both statistics and no bias. round_xhat is not a
+// constant of the backward (params.h: the gradient is that of the unrounded function).
+struct RmsNormGrads {
+  static constexpr const char* kName = "FusedRMSNormBackward";
+  int64_t k = 0;
+  double eps = 0;
+  double weight_offset = 0;
+  template <typename Self>
+  static auto constants(Self& self) {
+    return std::tie(self.k, self.eps, self.weight_offset);
+  }
+  Tensors3 grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor&, const Tensor& rstd,
+                 const Tensor&) const {
+    auto [dx, dw] = call_backward_op(op<RmsNormBwd, kRmsNormBwd>(), dy, input,
+                                     input.sym_sizes().slice(input.dim() - k), rstd, optional(w), weight_offset);
+    return {dx, dw, Tensor()};
+  }
+  // x (in the accumulation type) scaled by its own root mean square: {xhat, rstd}.
+  static std::pair<Tensor, Tensor> rms_scale(const Tensor& x, at::IntArrayRef dims, double eps) {
+    const Tensor rstd = (x.square().mean(dims, true) + eps).rsqrt();
+    return {x * rstd, rstd};
+  }
+  // The tangent of xhat = rms_scale(x) for x's tangent t (undefined: zero).
+  static Tensor scaled_tangent(const Tensor& t, const Tensor& xhat, const Tensor& rstd, at::IntArrayRef dims) {
+    if (!t.defined()) return at::zeros_like(xhat);
+    const Tensor tt = t.to(xhat.scalar_type());
+    return rstd * (tt - xhat * (xhat * tt).mean(dims, true));
+  }
+  Tensor effective_weight(const Tensor& w, at::ScalarType acc) const {
+    return weight_offset == 0 ? w.to(acc) : w.to(acc) + weight_offset;
+  }
+  Tensors3 math_grads(const Tensor& dy, const Tensor& input, const Tensor& w, const Tensor&, const Tensor&,
+                      const Tensor&) const {
+    const at::ScalarType acc = acc_type(input);
+    const auto [dims, lead] = LayerNormGrads::split_dims(input.dim(), k);
+    const Tensor g0 = dy.to(acc);
+    const auto [xhat, rstd] = rms_scale(input.to(acc), dims, eps);
+    const Tensor g = w.defined() ? g0 * effective_weight(w, acc) : g0;
+    const Tensor dx = (rstd * (g - xhat * (g * xhat).mean(dims, true))).to(input.scalar_type());
+    return {dx, w.defined() ? sum_to(g0 * xhat, lead, w.scalar_type()) : Tensor(), Tensor()};
+  }
+};
+
+Tensors2 rms_norm_fwd_autograd(const Tensor& input, c10::SymIntArrayRef normalized_shape, const OptTensor& weight,
+                               double eps, double weight_offset, bool round_xhat) {
+  auto out = call_below_autograd(op<RmsNormFwd, kRmsNormFwd>(), input, normalized_shape, weight, eps, weight_offset,
+                                 round_xhat);
+  const int64_t k = static_cast<int64_t>(normalized_shape.size());
+  if (records_graph(input, weight, c10::nullopt)) {
+    RmsNormGrads& f = NormBackward<RmsNormGrads>::record(std::get<0>(out), input, weight, c10::nullopt,
+                                                         std::get<1>(out), std::get<1>(out));
+    f.k = k;
+    f.eps = eps;
+    f.weight_offset = weight_offset;
+  }
+  if (has_tangent(input, weight, c10::nullopt)) {
+    const Tensor x = primal(input);
+    const std::vector<int64_t> dims = LayerNormGrads::split_dims(x.dim(), k).first;
+    const auto [xhat, rstd] = RmsNormGrads::rms_scale(x.to(acc_type(x)), dims, eps);
+    RmsNormGrads f;
+    f.weight_offset = weight_offset;
+    const Tensor w = primal(weight);
+    std::get<0>(out)._set_fw_grad(
+        affine_tangent(xhat, RmsNormGrads::scaled_tangent(tangent(input), xhat, rstd, dims),
+                       w.defined() ? f.effective_weight(w, xhat.scalar_type()) : w, tangent(weight), Tensor(),
+                       x.scalar_type()),
+        /*level=*/0, /*is_inplace_op=*/false);
+  }
+  return out;
+}
+
 struct BatchNormGrads {
   static constexpr const char* kName = "FusedBatchNormBackward";
   bool training = true;
@@ -416,6 +493,7 @@ Tensors3 batch_norm_fwd_autograd(const Tensor& input, const OptTensor& weight, c
 
 TORCH_LIBRARY_IMPL(fused_norm, Autograd, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_autograd);
+  m.impl("rms_norm_fwd", &rms_norm_fwd_autograd);
   m.impl("batch_norm_fwd", &batch_norm_fwd_autograd);
 }
 

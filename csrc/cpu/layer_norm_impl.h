@@ -4,7 +4,8 @@
 //
 // Forward: one read of the row from memory computes per-block moments (one sweep of
 // shifted sums, see runs_moments) merged across blocks with Chan's formula; a last sweep
-// writes y (from cache when the row fits in L1/L2).
+// writes y (from cache when the row fits in L1/L2). RMSNorm (p.rms) reads the row once
+// for sum(x^2) (the unshifted sums) and writes y as LayerNorm with a mean of 0.
 // Residual add (add_layer_norm): the rows normalized are s = x + residual. Each L1 block
 // of x and residual is read once from memory; the sum, added in registers and rounded to
 // its storage type, is stored to the new residual output (when wanted) and to a scratch
@@ -127,35 +128,50 @@ inline Moments<stat_sum_t<T>> block_moments(const T* x, int64_t n) {
   return runs_moments(x, 1, 0, n);
 }
 
-// y = (x - mean) * rstd [* w] [+ b] for n values (kStream: see store_loop). x is T, or
-// the residual sum's storage type (whose accumulation type is T's).
-template <bool kWeight, bool kBias, bool kStream, typename X, typename T, typename A>
+// v rounded to T's precision, lane-wise (the identity when T is its own accumulation type).
+template <typename T>
+inline vec_t<acc_t<T>> round_to_storage(vec_t<acc_t<T>> v) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return v;
+  } else {
+    T tmp[kLanes<acc_t<T>>];
+    store_vec(tmp, v);
+    return load_vec(tmp);
+  }
+}
+
+// y = (x - mean) * rstd [rounded to T: kRound] [* w] [+ b] for n values (kStream: see
+// store_loop). x is T, or the residual sum's storage type (whose accumulation type is T's).
+template <bool kWeight, bool kBias, bool kStream, bool kRound = false, typename X, typename T, typename A>
 inline void normalize_block(const X* __restrict x, int64_t n, A mean, A rstd, const A* __restrict w,
                             const A* __restrict b, T* __restrict y) {
   store_loop<kStream>(
       y, n,
       [&](int64_t i) {
         vec_t<A> v = (load_vec(x + i) - mean) * rstd;
+        if constexpr (kRound) v = round_to_storage<T>(v);
         if constexpr (kWeight) v *= loadu(w + i);
         if constexpr (kBias) v += loadu(b + i);
         return v;
       },
       [&](int64_t i) {
         A v = (to_acc<A>(x[i]) - mean) * rstd;
+        if constexpr (kRound) v = to_acc<A>(from_acc<T>(v));
         if constexpr (kWeight) v *= w[i];
         if constexpr (kBias) v += b[i];
         return v;
       });
 }
 
-// Parameters widened to the accumulation type once per call (empty when absent).
+// Parameters widened to the accumulation type once per call, plus `offset` (RMSNorm's
+// weight offset; empty when absent).
 template <typename A, typename W>
-std::vector<A> widen_param(const void* p, int64_t n) {
+std::vector<A> widen_param(const void* p, int64_t n, double offset = 0.0) {
   std::vector<A> out;
   if (p) {
     const W* w = static_cast<const W*>(p);
     out.resize(n);
-    for (int64_t i = 0; i < n; ++i) out[i] = to_acc<A>(w[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = offset == 0.0 ? to_acc<A>(w[i]) : to_acc<A>(w[i]) + A(offset);
   }
   return out;
 }
@@ -213,8 +229,9 @@ void forward(const LayerNormFwdParams& p) {
   T* y = static_cast<T*>(p.y);
   A* mean_out = static_cast<A*>(p.mean);
   A* rstd_out = static_cast<A*>(p.rstd);
-  const std::vector<A> w = widen_param<A, W>(p.weight, cols);
+  const std::vector<A> w = widen_param<A, W>(p.weight, cols, p.weight_offset);
   const std::vector<A> b = widen_param<A, W>(p.bias, cols);
+  const bool round = p.round_xhat && !std::is_same_v<T, A>;
   const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(T));
   const int64_t elem_bytes = 2 * static_cast<int64_t>(sizeof(T)) + (res ? static_cast<int64_t>(sizeof(R)) : 0) +
                              (sum ? static_cast<int64_t>(sizeof(S)) : 0);
@@ -224,7 +241,13 @@ void forward(const LayerNormFwdParams& p) {
     auto normalize = [&](const S* xr, T* yr, A mean, A rstd) {
       const A* wp = w.data();
       const A* bp = b.data();
-      if (!w.empty() && !b.empty()) {
+      if (round) {  // RMSNorm only: no bias
+        if (!w.empty()) {
+          normalize_block<true, false, kStream, true>(xr, cols, mean, rstd, wp, bp, yr);
+        } else {
+          normalize_block<false, false, kStream, true>(xr, cols, mean, rstd, wp, bp, yr);
+        }
+      } else if (!w.empty() && !b.empty()) {
         normalize_block<true, true, kStream>(xr, cols, mean, rstd, wp, bp, yr);
       } else if (!w.empty()) {
         normalize_block<true, false, kStream>(xr, cols, mean, rstd, wp, bp, yr);
@@ -238,6 +261,7 @@ void forward(const LayerNormFwdParams& p) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * p.x_row_stride;
       if (r + 1 < r1) prefetch_row(xr + p.x_row_stride, cols);
+      A mean = 0, rstd;
       Moments<stat_sum_t<S>> m = moments_empty<stat_sum_t<S>>();
       const S* sr = nullptr;
       if (res) {
@@ -247,15 +271,27 @@ void forward(const LayerNormFwdParams& p) {
         for (int64_t c = 0; c < cols; c += kBlock) {
           const int64_t n = std::min(kBlock, cols - c);
           add_residual<kStream>(xr + c, rr + c, n, scratch.data() + c, sumr ? sumr + c : nullptr);
-          m = moments_merge(m, block_moments(scratch.data() + c, n));
+          if (!p.rms) m = moments_merge(m, block_moments(scratch.data() + c, n));
         }
         sr = scratch.data();
       } else if constexpr (std::is_same_v<S, T>) {
-        for (int64_t c = 0; c < cols; c += kBlock) m = moments_merge(m, block_moments(xr + c, std::min(kBlock, cols - c)));
+        if (!p.rms) {
+          for (int64_t c = 0; c < cols; c += kBlock)
+            m = moments_merge(m, block_moments(xr + c, std::min(kBlock, cols - c)));
+        }
         sr = xr;
       }
-      const A mean = static_cast<A>(m.mean), rstd = static_cast<A>(moments_rstd(m, p.eps));
-      mean_out[r] = mean;
+      if (p.rms) {
+        // Mean square in stat_sum_t, as torch's float32 mean of x^2 but without its
+        // rounding of each square: an overflowing sum gives rstd 0, as torch's. (With a
+        // residual, a second sweep over the sum in the scratch row.)
+        const stat_sum_t<S> sq = shifted_sums<false>(sr, 1, 0, cols, A(0), NoStep{}).second;
+        rstd = static_cast<A>(fn_rsqrt(sq / static_cast<stat_sum_t<S>>(cols) + static_cast<stat_sum_t<S>>(p.eps)));
+      } else {
+        mean = static_cast<A>(m.mean);
+        rstd = static_cast<A>(moments_rstd(m, p.eps));
+        mean_out[r] = mean;
+      }
       rstd_out[r] = rstd;
       normalize(sr, y + r * p.y_row_stride, mean, rstd);
     }
@@ -356,9 +392,9 @@ void backward(const LayerNormBwdParams& p) {
   const bool residual_terms = res || ds || dres;
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
-  const A* mean_in = static_cast<const A*>(p.mean);
+  const A* mean_in = static_cast<const A*>(p.mean);  // null for RMSNorm (mean 0)
   const A* rstd_in = static_cast<const A*>(p.rstd);
-  const std::vector<A> w = widen_param<A, W>(p.weight, cols);
+  const std::vector<A> w = widen_param<A, W>(p.weight, cols, p.weight_offset);
   const A* wp = w.empty() ? nullptr : w.data();
   const bool want_dw = p.dweight != nullptr, want_db = p.dbias != nullptr;
 
@@ -390,7 +426,7 @@ void backward(const LayerNormBwdParams& p) {
           xr = static_cast<const S*>(p.x) + r * p.x_row_stride;
         }
         const T* dyr = dy + r * p.dy_row_stride;
-        const A mean = mean_in[r], rstd = rstd_in[r];
+        const A mean = mean_in ? mean_in[r] : A(0), rstd = rstd_in[r];
         A sum_g = 0, sum_gx = 0;
         if (pw) {
           grad_sums<true>(xr, dyr, wp, cols, mean, rstd, pw, pb, sum_g, sum_gx);
@@ -398,7 +434,7 @@ void backward(const LayerNormBwdParams& p) {
           grad_sums<false>(xr, dyr, wp, cols, mean, rstd, pw, pb, sum_g, sum_gx);
         }
         const A c1 = sum_gx * rstd * inv_cols;  // mean of g * xhat
-        const A c2 = sum_g * inv_cols;          // mean of g
+        const A c2 = p.rms ? A(0) : sum_g * inv_cols;  // mean of g (RMSNorm: no mean term)
         T* dxr = dx + r * p.dx_row_stride;
         auto write_dx = [&](const auto& add) {
           if (wp) {

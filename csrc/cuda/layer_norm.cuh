@@ -11,6 +11,11 @@
 //    exact moments of its vectors with Chan's formula, the block merges the threads'
 //    moments in a fixed order, and a second sweep re-reads x to write y.
 //
+// RMSNorm (p.rms, params.h) runs the same kernels: the resident tiers skip the mean (0)
+// and its reduction, the streaming tier takes mean(x^2) from the merged moments
+// (moments_rms_rstd); the weight gets p.weight_offset added, and the backward drops the
+// sum(g) term.
+//
 // Accesses are vectors of VEC elements (16 bytes when the host found every pointer and
 // row stride aligned for it, else VEC == 1) and scalar where a vector would cross the
 // end of the row. Every reduction has a fixed order, so results are bitwise
@@ -185,6 +190,7 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
   const int lane = static_cast<int>(threadIdx.x) % gsize;
   const int rows_per_block = static_cast<int>(blockDim.x) / gsize;
   const int group = static_cast<int>(threadIdx.x) / gsize;
+  const A woff = static_cast<A>(p.weight_offset);
   RowReduce<GROUP, A, 1> reduce;
 
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows_per_block; base < p.rows;
@@ -198,13 +204,16 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
       const int c = (k * gsize + lane) * VEC;
       v[k].load_slot(xr + c, valid ? cols - c : 0);
     }
-    A s[1] = {A(0)};
+    A mean = A(0);
+    if (!p.rms) {  // uniform over the block
+      A s[1] = {A(0)};
 #pragma unroll
-    for (int k = 0; k < NV; ++k)
+      for (int k = 0; k < NV; ++k)
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) s[0] += v[k].get(j);
-    reduce.sum(s);
-    const A mean = s[0] / static_cast<A>(cols);
+        for (int j = 0; j < VEC; ++j) s[0] += v[k].get(j);
+      reduce.sum(s);
+      mean = s[0] / static_cast<A>(cols);
+    }
     A q[1] = {A(0)};
 #pragma unroll
     for (int k = 0; k < NV; ++k)
@@ -217,7 +226,7 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
     const A rstd = moments_rstd(Moments<A>{static_cast<A>(cols), mean, q[0]}, p.eps);
     if (!valid) continue;  // only the last iteration of a warp-tier loop has invalid rows
     if (lane == 0) {
-      mean_out[row] = mean;
+      if (mean_out) mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
     T* yr = y + row * p.y_row_stride;
@@ -233,7 +242,8 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         A t = (v[k].get(j) - mean) * rstd;
-        if (w) t *= wv.get(j);
+        if (p.round_xhat) t = to_acc(from_acc<T>(t));
+        if (w) t *= wv.get(j) + woff;
         if (b) t += bv.get(j);
         o.put(j, t);
       }
@@ -258,6 +268,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) ln_fwd_stream_kernel(const 
   const int64_t vec_end = cols / VEC * VEC;  // elements covered by whole vectors
   const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
   const int64_t first = static_cast<int64_t>(threadIdx.x) * VEC;
+  const A woff = static_cast<A>(p.weight_offset);
   BlockMoments<A> block_moments;
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
@@ -287,10 +298,10 @@ __global__ void __launch_bounds__(kStreamThreads, 1) ln_fwd_stream_kernel(const 
     }
     for (int64_t c = vec_end + threadIdx.x; c < cols; c += blockDim.x) moments_push(m, to_acc(xr[c]));
     m = block_moments.merge(m);
-    const A mean = m.mean;
-    const A rstd = moments_rstd(m, p.eps);
+    const A mean = p.rms ? A(0) : m.mean;
+    const A rstd = p.rms ? moments_rms_rstd(m, p.eps) : moments_rstd(m, p.eps);
     if (threadIdx.x == 0) {
-      static_cast<A*>(p.mean)[row] = mean;
+      if (p.mean) static_cast<A*>(p.mean)[row] = mean;
       static_cast<A*>(p.rstd)[row] = rstd;
     }
 
@@ -315,7 +326,8 @@ __global__ void __launch_bounds__(kStreamThreads, 1) ln_fwd_stream_kernel(const 
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           A t = (v[u].get(j) - mean) * rstd;
-          if (w) t *= wv[u].get(j);
+          if (p.round_xhat) t = to_acc(from_acc<T>(t));
+          if (w) t *= wv[u].get(j) + woff;
           if (b) t += bv[u].get(j);
           o.put(j, t);
         }
@@ -324,7 +336,8 @@ __global__ void __launch_bounds__(kStreamThreads, 1) ln_fwd_stream_kernel(const 
     }
     for (int64_t c = vec_end + threadIdx.x; c < cols; c += blockDim.x) {
       A t = (to_acc(xr[c]) - mean) * rstd;
-      if (w) t *= to_acc(w[c]);
+      if (p.round_xhat) t = to_acc(from_acc<T>(t));
+      if (w) t *= to_acc(w[c]) + woff;
       if (b) t += to_acc(b[c]);
       yr[c] = from_acc<T>(t);
     }
@@ -355,6 +368,7 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
   const int rows_per_block = static_cast<int>(blockDim.x) / gsize;
   const int group = static_cast<int>(threadIdx.x) / gsize;
   const A inv_cols = A(1) / static_cast<A>(cols);
+  const A woff = static_cast<A>(p.weight_offset);
   const bool partials = ws != nullptr;
   RowReduce<GROUP, A, 2> reduce;
   A dw_acc[NV][VEC], db_acc[NV][VEC];
@@ -377,7 +391,7 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
       xv[k].load_slot(xr + c, valid ? cols - c : 0);
       dv[k].load_slot(dyr + c, valid ? cols - c : 0);
     }
-    const A mean = valid ? mean_in[row] : A(0);
+    const A mean = valid && mean_in ? mean_in[row] : A(0);
     const A rstd = valid ? rstd_in[row] : A(0);
     A s[2] = {A(0), A(0)};  // sum(g), sum(g * xhat)
 #pragma unroll
@@ -389,7 +403,7 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
       for (int j = 0; j < VEC; ++j) {
         const A xh = (xv[k].get(j) - mean) * rstd;
         const A d = dv[k].get(j);
-        const A g = w ? d * wv.get(j) : d;
+        const A g = w ? d * (wv.get(j) + woff) : d;
         s[0] += g;
         s[1] += g * xh;
         if (partials) {
@@ -400,7 +414,7 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
     }
     reduce.sum(s);
     const A c1 = s[1] * inv_cols;
-    const A c2 = s[0] * inv_cols;
+    const A c2 = p.rms ? A(0) : s[0] * inv_cols;
     if (!valid) continue;  // only the last iteration of a warp-tier loop has invalid rows
     T* dxr = dx + row * p.dx_row_stride;
 #pragma unroll
@@ -415,7 +429,7 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
       for (int j = 0; j < VEC; ++j) {
         const A xh = (xv[k].get(j) - mean) * rstd;
         const A d = dv[k].get(j);
-        const A g = w ? d * wv.get(j) : d;
+        const A g = w ? d * (wv.get(j) + woff) : d;
         o.put(j, layer_norm_dx(g, xh, rstd, c1, c2));
       }
       o.store_slot(dxr + c, n);
@@ -481,6 +495,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
   const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * VEC;
   const A inv_cols = A(1) / static_cast<A>(cols);
+  const A woff = static_cast<A>(p.weight_offset);
   A* ws_w = ws ? ws + static_cast<int64_t>(blockIdx.x) * ws_ld : nullptr;
   A* ws_b = ws ? ws + static_cast<int64_t>(gridDim.x + blockIdx.x) * ws_ld : nullptr;
   RowReduce<0, A, 2> reduce;
@@ -489,7 +504,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
     const bool first = row == blockIdx.x;
     const T* xr = x + row * p.x_row_stride;
     const T* dyr = dy + row * p.dy_row_stride;
-    const A mean = static_cast<const A*>(p.mean)[row];
+    const A mean = p.mean ? static_cast<const A*>(p.mean)[row] : A(0);
     const A rstd = static_cast<const A*>(p.rstd)[row];
     A s[2] = {A(0), A(0)};  // sum(g), sum(g * xhat)
 #pragma unroll 1
@@ -510,7 +525,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const A d = dv[u].get(j);
-          const A g = w ? d * wv[u].get(j) : d;
+          const A g = w ? d * (wv[u].get(j) + woff) : d;
           s[0] += g;
           s[1] += g * ((xv[u].get(j) - mean) * rstd);
         }
@@ -518,13 +533,13 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
     }
     for (int64_t c = vec_end + threadIdx.x; c < cols; c += blockDim.x) {
       const A d = to_acc(dyr[c]);
-      const A g = w ? d * to_acc(w[c]) : d;
+      const A g = w ? d * (to_acc(w[c]) + woff) : d;
       s[0] += g;
       s[1] += g * ((to_acc(xr[c]) - mean) * rstd);
     }
     reduce.sum(s);
     const A c1 = s[1] * inv_cols;
-    const A c2 = s[0] * inv_cols;
+    const A c2 = p.rms ? A(0) : s[0] * inv_cols;
 
     T* dxr = dx + row * p.dx_row_stride;
 #pragma unroll 1
@@ -553,7 +568,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
         for (int j = 0; j < VEC; ++j) {
           const A xh = (xv[u].get(j) - mean) * rstd;
           const A d = dv[u].get(j);
-          const A g = w ? d * wv[u].get(j) : d;
+          const A g = w ? d * (wv[u].get(j) + woff) : d;
           o.put(j, layer_norm_dx(g, xh, rstd, c1, c2));
           pw[u].v[j] = first ? d * xh : pw[u].v[j] + d * xh;
           pb[u].v[j] = first ? d : pb[u].v[j] + d;
@@ -568,7 +583,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
     for (int64_t c = vec_end + threadIdx.x; c < cols; c += blockDim.x) {
       const A xh = (to_acc(xr[c]) - mean) * rstd;
       const A d = to_acc(dyr[c]);
-      const A g = w ? d * to_acc(w[c]) : d;
+      const A g = w ? d * (to_acc(w[c]) + woff) : d;
       dxr[c] = from_acc<T>(layer_norm_dx(g, xh, rstd, c1, c2));
       if (ws) {
         ws_w[c] = first ? d * xh : ws_w[c] + d * xh;
