@@ -126,7 +126,7 @@ def make_inputs(case: cases.Case, device: torch.device) -> impls.Inputs:
         bias = 0.1 * torch.randn(n, device=device, dtype=dtype)
         residual = torch.randn_like(x).requires_grad_(grad) if case.op.residual else None
         return impls.Inputs(x, dy, weight.requires_grad_(grad), bias.requires_grad_(grad), residual=residual,
-                            pre_norm=case.op.residual == "pre")
+                            pre_norm=case.op.residual == "pre", rms=case.op.rms)
     c = case.shape.dims[1]
     weight = 1 + 0.1 * torch.randn(c, device=device)
     bias = 0.1 * torch.randn(c, device=device)

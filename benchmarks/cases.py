@@ -18,7 +18,8 @@ class Op:
     direction: str  # "fwd", "bwd" or "fwdbwd"
     training: bool | None  # BatchNorm: batch statistics (training) or running statistics (eval)
     description: str
-    residual: str | None = None  # residual add + LayerNorm: "pre" (the sum is an output too) or "post"
+    residual: str | None = None  # residual add + norm: "pre" (the sum is an output too) or "post"
+    rms: bool = False  # residual add + RMSNorm instead of LayerNorm (no bias)
 
 
 OPS = {
@@ -35,10 +36,17 @@ OPS = {
         Op("addln_pre_fwd", "ln", "fwd", None, "pre-norm (LayerNorm(x + residual), x + residual) forward", "pre"),
         Op("addln_pre_fwdbwd", "ln", "fwdbwd", None, "pre-norm (LayerNorm(x + residual), x + residual) "
            "forward+backward", "pre"),
+        Op("addrms_post_fwd", "ln", "fwd", None, "post-norm RMSNorm(x + residual) forward", "post", True),
+        Op("addrms_post_fwdbwd", "ln", "fwdbwd", None, "post-norm RMSNorm(x + residual) forward+backward", "post",
+           True),
+        Op("addrms_pre_fwd", "ln", "fwd", None, "pre-norm (RMSNorm(x + residual), x + residual) forward", "pre", True),
+        Op("addrms_pre_fwdbwd", "ln", "fwdbwd", None, "pre-norm (RMSNorm(x + residual), x + residual) "
+           "forward+backward", "pre", True),
     )
 }
 OP_ALIASES = {"ln": [n for n in OPS if n.startswith("ln_")], "bn": [n for n in OPS if n.startswith("bn_")],
-              "addln": [n for n in OPS if n.startswith("addln_")]}
+              "addln": [n for n in OPS if n.startswith("addln_")],
+              "addrms": [n for n in OPS if n.startswith("addrms_")]}
 
 
 @dataclass(frozen=True)
@@ -182,7 +190,8 @@ BYTES_NOTE = (
     "(2C values) are not counted. Residual add + LayerNorm (E elements, all in the input dtype): forward "
     "reads x, residual, weight and bias and writes y, and the sum for pre-norm; backward reads dy (and the "
     "sum's gradient for pre-norm), the sum (pre-norm) or x and residual (post-norm: formed again), weight "
-    "and mean/rstd and writes one dx (the gradient of x and of residual alike), dweight, dbias. The copy "
+    "and mean/rstd and writes one dx (the gradient of x and of residual alike), dweight, dbias; RMSNorm counts "
+    "the same (its missing bias and mean are 2N + 4M bytes). The copy "
     "reference moves 2 x size(x)."
 )
 
@@ -222,6 +231,9 @@ _CPU_TARGETS = (  # (op, dtypes or None for all, BatchNorm layouts or None for a
     ("addln_pre_fwd", None, None, 1.3),
     ("addln_post_fwdbwd", None, None, 1.3),
     ("addln_pre_fwdbwd", None, None, 1.3),
+    ("addrms_pre_fwd", None, None, 1.3),
+    ("addrms_post_fwdbwd", None, None, 1.3),
+    ("addrms_pre_fwdbwd", None, None, 1.3),
 )
 
 

@@ -30,6 +30,7 @@ class Inputs:
     momentum: float = 0.1
     residual: torch.Tensor | None = None  # residual add + LayerNorm: added to x before the norm
     pre_norm: bool = False  # ... and the sum returned as a second output
+    rms: bool = False  # ... RMSNorm instead of LayerNorm (weight only)
 
     @property
     def normalized_shape(self):
@@ -113,6 +114,9 @@ class FusedNorm(Impl):
             [t.weight, t.bias]
 
     def add_layer_norm(self, t):
+        if t.rms:
+            fn = fused_norm.add_rms_norm if t.pre_norm else fused_norm.add_rms_norm_post
+            return (lambda x: fn(x, t.residual, t.normalized_shape, t.weight, t.eps)), [t.residual, t.weight]
         fn = fused_norm.add_layer_norm if t.pre_norm else fused_norm.add_layer_norm_post
         return (lambda x: fn(x, t.residual, t.normalized_shape, t.weight, t.bias, t.eps)), \
             [t.residual, t.weight, t.bias]
@@ -122,9 +126,9 @@ def _ln_ref(x, weight, bias, normalized_shape, eps):
     return F.layer_norm(x, normalized_shape, weight, bias, eps)
 
 
-def _add_ln_ref(x, residual, weight, bias, normalized_shape, eps, pre_norm):
+def _add_ln_ref(x, residual, weight, bias, normalized_shape, eps, pre_norm, rms=False):
     s = x + residual
-    y = F.layer_norm(s, normalized_shape, weight, bias, eps)
+    y = F.rms_norm(s, normalized_shape, weight, eps) if rms else F.layer_norm(s, normalized_shape, weight, bias, eps)
     return (y, s) if pre_norm else y
 
 
@@ -145,8 +149,8 @@ class TorchEager(Impl):
         return (lambda x: _bn_ref(x, rm, rv, t.weight, t.bias, training, t.momentum, t.eps)), [t.weight, t.bias]
 
     def add_layer_norm(self, t):
-        return (lambda x: _add_ln_ref(x, t.residual, t.weight, t.bias, t.normalized_shape, t.eps, t.pre_norm)), \
-            [t.residual, t.weight, t.bias]
+        return (lambda x: _add_ln_ref(x, t.residual, t.weight, t.bias, t.normalized_shape, t.eps, t.pre_norm,
+                                      t.rms)), [t.residual, t.weight] + ([] if t.rms else [t.bias])
 
 
 class TorchCompile(Impl):
@@ -184,8 +188,8 @@ class TorchCompile(Impl):
     def add_layer_norm(self, t):
         self._compiled(t.x)
         fn = self._add_ln
-        return (lambda x: fn(x, t.residual, t.weight, t.bias, t.normalized_shape, t.eps, t.pre_norm)), \
-            [t.residual, t.weight, t.bias]
+        return (lambda x: fn(x, t.residual, t.weight, t.bias, t.normalized_shape, t.eps, t.pre_norm, t.rms)), \
+            [t.residual, t.weight] + ([] if t.rms else [t.bias])
 
 
 class Apex(Impl):

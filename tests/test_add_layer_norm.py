@@ -175,7 +175,8 @@ def test_gradcheck_and_double_backward():
 
 
 @pytest.mark.parametrize("store_sum", [True, False], ids=["pre", "post"])
-@pytest.mark.parametrize("dtype,rdtype,fp32,wdtype", [CASES[i] for i in (0, 5, 6)], ids=[CASE_IDS[i] for i in (0, 5, 6)])
+@pytest.mark.parametrize("dtype,rdtype,fp32,wdtype", [CASES[i] for i in (0, 5, 6)],
+                         ids=[CASE_IDS[i] for i in (0, 5, 6)])
 def test_opcheck(dtype, rdtype, fp32, wdtype, store_sum):
     x, r, w, b, dy, ds = _inputs((3, 4, 40), (4, 40), dtype, rdtype, wdtype)
     args = [t.requires_grad_() for t in (x, r, w, b)]
@@ -231,7 +232,8 @@ def test_errors_like_torch():
     x = torch.randn(4, 8)
     w = torch.randn(8)
     cases = [
-        (torch.randn(4, 9), "The size of tensor a (8) must match the size of tensor b (9) at non-singleton dimension 1"),
+        (torch.randn(4, 9),
+         "The size of tensor a (8) must match the size of tensor b (9) at non-singleton dimension 1"),
         (torch.randn(8), "residual must have input's shape"),
         (torch.randn(4, 8, dtype=torch.float64), "residual must have input's dtype"),
         (torch.randn(4, 8, device="meta"), "Expected all tensors to be on the same device"),
