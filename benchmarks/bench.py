@@ -138,7 +138,9 @@ def make_inputs(case: cases.Case, device: torch.device) -> impls.Inputs:
         n = case.shape.dims[-1]
         weight = 1 + 0.1 * torch.randn(n, device=device, dtype=dtype)
         bias = 0.1 * torch.randn(n, device=device, dtype=dtype)
-        return impls.Inputs(x, dy, weight.requires_grad_(grad), bias.requires_grad_(grad))
+        residual = torch.randn_like(x).requires_grad_(grad) if case.op.residual else None
+        return impls.Inputs(x, dy, weight.requires_grad_(grad), bias.requires_grad_(grad), residual=residual,
+                            pre_norm=case.op.residual == "pre", rms=case.op.rms)
     c = case.shape.dims[1]
     weight = 1 + 0.1 * torch.randn(c, device=device)
     bias = 0.1 * torch.randn(c, device=device)
@@ -158,10 +160,14 @@ def build_call(impl: impls.Impl, case: cases.Case, inputs: impls.Inputs):
                 return fwd(x)
         return forward
     wrt = [x, *params]
+
+    def grad(y, **kwargs):  # a tuple of outputs (pre-norm add + LayerNorm: y and the sum) each gets dy
+        ys = y if isinstance(y, tuple) else (y,)
+        return torch.autograd.grad(ys, wrt, (dy,) * len(ys), **kwargs)
     if case.op.direction == "bwd":
         y = fwd(x)
-        return lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True)
-    return lambda: torch.autograd.grad(fwd(x), wrt, dy)
+        return lambda: grad(y, retain_graph=True)
+    return lambda: grad(fwd(x))
 
 
 def build_copy(inputs: impls.Inputs):

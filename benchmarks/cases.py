@@ -18,6 +18,8 @@ class Op:
     direction: str  # "fwd", "bwd" or "fwdbwd"
     training: bool | None  # BatchNorm: batch statistics (training) or running statistics (eval)
     description: str
+    residual: str | None = None  # residual add + norm: "pre" (the sum is an output too) or "post"
+    rms: bool = False  # residual add + RMSNorm instead of LayerNorm (no bias)
 
 
 OPS = {
@@ -32,10 +34,23 @@ OPS = {
         Op("bn_train_fwd", "bn", "fwd", True, "BatchNorm training forward"),
         Op("bn_fwdbwd", "bn", "fwdbwd", True, "BatchNorm training forward+backward"),
         Op("bn_eval", "bn", "fwd", False, "BatchNorm eval forward"),
+        Op("addln_post_fwd", "ln", "fwd", None, "post-norm LayerNorm(x + residual) forward", "post"),
+        Op("addln_post_fwdbwd", "ln", "fwdbwd", None, "post-norm LayerNorm(x + residual) forward+backward", "post"),
+        Op("addln_pre_fwd", "ln", "fwd", None, "pre-norm (LayerNorm(x + residual), x + residual) forward", "pre"),
+        Op("addln_pre_fwdbwd", "ln", "fwdbwd", None, "pre-norm (LayerNorm(x + residual), x + residual) "
+           "forward+backward", "pre"),
+        Op("addrms_post_fwd", "ln", "fwd", None, "post-norm RMSNorm(x + residual) forward", "post", True),
+        Op("addrms_post_fwdbwd", "ln", "fwdbwd", None, "post-norm RMSNorm(x + residual) forward+backward", "post",
+           True),
+        Op("addrms_pre_fwd", "ln", "fwd", None, "pre-norm (RMSNorm(x + residual), x + residual) forward", "pre", True),
+        Op("addrms_pre_fwdbwd", "ln", "fwdbwd", None, "pre-norm (RMSNorm(x + residual), x + residual) "
+           "forward+backward", "pre", True),
     )
 }
 OP_ALIASES = {"ln": [n for n in OPS if n.startswith("ln_")], "rms": [n for n in OPS if n.startswith("rms_")],
-              "bn": [n for n in OPS if n.startswith("bn_")]}
+              "bn": [n for n in OPS if n.startswith("bn_")],
+              "addln": [n for n in OPS if n.startswith("addln_")],
+              "addrms": [n for n in OPS if n.startswith("addrms_")]}
 
 
 @dataclass(frozen=True)
@@ -188,7 +203,12 @@ BYTES_NOTE = (
     "backward reads x and dy twice (reduction pass, then dx pass), reads weight and the saved "
     "mean/invstd and writes dx, dweight, dbias; eval forward reads x, weight, bias and the running "
     "statistics and writes y. Forward+backward is the sum of the two. Running-statistics updates "
-    "(2C values) are not counted. The copy reference moves 2 x size(x)."
+    "(2C values) are not counted. Residual add + LayerNorm (E elements, all in the input dtype): forward "
+    "reads x, residual, weight and bias and writes y, and the sum for pre-norm; backward reads dy (and the "
+    "sum's gradient for pre-norm), the sum (pre-norm) or x and residual (post-norm: formed again), weight "
+    "and mean/rstd and writes one dx (the gradient of x and of residual alike), dweight, dbias; RMSNorm counts "
+    "the same (its missing bias and mean are 2N + 4M bytes). The copy "
+    "reference moves 2 x size(x)."
 )
 
 
@@ -204,6 +224,10 @@ def bytes_moved(case: Case) -> int:
         rows = e // n
         fwd = 2 * e * s + 2 * n * s
         bwd = 3 * e * s + 2 * rows * 4 + n * s + 2 * n * s
+        if case.op.residual == "pre":  # + the sum written; backward: + the sum's gradient read
+            fwd, bwd = fwd + 2 * e * s, bwd + e * s
+        elif case.op.residual == "post":  # + the residual read, in both directions (the sum is formed again)
+            fwd, bwd = fwd + e * s, bwd + e * s
     else:
         c, p = case.shape.dims[1], BN_PARAM_BYTES
         fwd = 3 * e * s + 2 * c * p if case.op.training else 2 * e * s + 4 * c * p
@@ -225,6 +249,13 @@ _CPU_TARGETS = (  # (op, dtypes or None for all, BatchNorm layouts or None for a
     ("bn_train_fwd", None, ("NCL", "NCHW"), 2.0),
     ("bn_fwdbwd", None, ("NC", "NCL", "NCHW", "NHWC"), 1.5),
     ("bn_eval", None, None, 1.0),
+    ("addln_post_fwd", ("fp32", "bf16"), None, 1.5),
+    ("addln_pre_fwd", None, None, 1.3),
+    ("addln_post_fwdbwd", None, None, 1.3),
+    ("addln_pre_fwdbwd", None, None, 1.3),
+    ("addrms_pre_fwd", None, None, 1.3),
+    ("addrms_post_fwdbwd", None, None, 1.3),
+    ("addrms_pre_fwdbwd", None, None, 1.3),
 )
 
 

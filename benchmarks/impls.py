@@ -28,6 +28,9 @@ class Inputs:
     running_var: torch.Tensor | None = None
     eps: float = 1e-5
     momentum: float = 0.1
+    residual: torch.Tensor | None = None  # residual add + LayerNorm: added to x before the norm
+    pre_norm: bool = False  # ... and the sum returned as a second output
+    rms: bool = False  # ... RMSNorm instead of LayerNorm (weight only)
 
     @property
     def normalized_shape(self):
@@ -73,7 +76,10 @@ class Impl:
             return None
 
     def forward(self, norm: str, inputs: Inputs, training: bool):
-        """(fn, params): fn(x) -> y, and the parameter tensors that receive gradients."""
+        """(fn, params): fn(x) -> y (or a tuple of outputs), and the parameter tensors that receive
+        gradients (the residual among them)."""
+        if norm == "ln" and inputs.residual is not None:
+            return self.add_layer_norm(inputs)
         if norm == "ln":
             return self.layer_norm(inputs)
         if norm == "rms":
@@ -86,6 +92,9 @@ class Impl:
     def rms_norm(self, inputs: Inputs):
         """RMSNorm of inputs.x with inputs.weight (inputs.bias unused)."""
         raise NotImplementedError
+
+    def add_layer_norm(self, inputs: Inputs):
+        raise NotImplementedError(f"{self.label} has no residual add + LayerNorm")
 
     def batch_norm(self, inputs: Inputs, training: bool):
         raise NotImplementedError
@@ -113,6 +122,14 @@ class FusedNorm(Impl):
         return (lambda x: fused_norm.batch_norm(x, rm, rv, t.weight, t.bias, training, t.momentum, t.eps)), \
             [t.weight, t.bias]
 
+    def add_layer_norm(self, t):
+        if t.rms:
+            fn = fused_norm.add_rms_norm if t.pre_norm else fused_norm.add_rms_norm_post
+            return (lambda x: fn(x, t.residual, t.normalized_shape, t.weight, t.eps)), [t.residual, t.weight]
+        fn = fused_norm.add_layer_norm if t.pre_norm else fused_norm.add_layer_norm_post
+        return (lambda x: fn(x, t.residual, t.normalized_shape, t.weight, t.bias, t.eps)), \
+            [t.residual, t.weight, t.bias]
+
 
 def _ln_ref(x, weight, bias, normalized_shape, eps):
     return F.layer_norm(x, normalized_shape, weight, bias, eps)
@@ -120,6 +137,12 @@ def _ln_ref(x, weight, bias, normalized_shape, eps):
 
 def _rms_ref(x, weight, normalized_shape, eps):
     return F.rms_norm(x, normalized_shape, weight, eps)
+
+
+def _add_ln_ref(x, residual, weight, bias, normalized_shape, eps, pre_norm, rms=False):
+    s = x + residual
+    y = F.rms_norm(s, normalized_shape, weight, eps) if rms else F.layer_norm(s, normalized_shape, weight, bias, eps)
+    return (y, s) if pre_norm else y
 
 
 def _bn_ref(x, running_mean, running_var, weight, bias, training, momentum, eps):
@@ -142,6 +165,10 @@ class TorchEager(Impl):
         rm, rv = t.running_stats()
         return (lambda x: _bn_ref(x, rm, rv, t.weight, t.bias, training, t.momentum, t.eps)), [t.weight, t.bias]
 
+    def add_layer_norm(self, t):
+        return (lambda x: _add_ln_ref(x, t.residual, t.weight, t.bias, t.normalized_shape, t.eps, t.pre_norm,
+                                      t.rms)), [t.residual, t.weight] + ([] if t.rms else [t.bias])
+
 
 class TorchCompile(Impl):
     """torch.compile (Inductor, static shapes) of the torch reference functions. Dynamo is reset
@@ -154,7 +181,11 @@ class TorchCompile(Impl):
 
     def __init__(self):
         self._key = None
-        self._ln = self._rms = self._bn = None
+        self._ln = self._rms = self._bn = self._add_ln = None
+        # One shape's add + norm variants (pre/post, LayerNorm/RMSNorm, with and without
+        # grad) are as many graphs of _add_ln_ref: past dynamo's default limit of 8 it would
+        # fall back to eager code and time that instead.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
     def _compiled(self, x):
         key = (tuple(x.shape), x.stride(), x.dtype, x.device)
@@ -163,8 +194,9 @@ class TorchCompile(Impl):
             self._ln = torch.compile(_ln_ref, dynamic=False)
             self._rms = torch.compile(_rms_ref, dynamic=False)
             self._bn = torch.compile(_bn_ref, dynamic=False)
+            self._add_ln = torch.compile(_add_ln_ref, dynamic=False)
             self._key = key
-        return self._ln, self._rms, self._bn
+        return self._ln, self._rms, self._bn, self._add_ln
 
     def layer_norm(self, t):
         ln = self._compiled(t.x)[0]
@@ -178,6 +210,11 @@ class TorchCompile(Impl):
         bn = self._compiled(t.x)[2]
         rm, rv = t.running_stats()
         return (lambda x: bn(x, rm, rv, t.weight, t.bias, training, t.momentum, t.eps)), [t.weight, t.bias]
+
+    def add_layer_norm(self, t):
+        fn = self._compiled(t.x)[3]
+        return (lambda x: fn(x, t.residual, t.weight, t.bias, t.normalized_shape, t.eps, t.pre_norm, t.rms)), \
+            [t.residual, t.weight] + ([] if t.rms else [t.bias])
 
 
 class Apex(Impl):

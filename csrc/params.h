@@ -8,9 +8,14 @@ namespace fused_norm {
 
 enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-// y[r, :] = (x[r, :] - mean[r]) * rstd[r] * weight + bias over `cols` elements.
+// y[r, :] = (s[r, :] - mean[r]) * rstd[r] * weight + bias over `cols` elements, where the
+// normalized rows s are x itself, or, with a residual (add_layer_norm), the sum
+// x + residual added in the accumulation type and rounded to s_dtype (the new residual
+// stream; written to `sum` unless it is null, the post-norm form). y has x_dtype.
 // mean/rstd are float, or double when x is double. weight/bias may be null.
 // weight and bias share w_dtype, which is x_dtype or (for fp16/bf16 x) float.
+// r_dtype and s_dtype are x_dtype, or float for fp16/bf16 x (s_dtype is float when
+// r_dtype is); without a residual both are x_dtype.
 //
 // RMSNorm is the same row machinery without the mean (rms = true): mean and bias are
 // null, rstd = 1 / sqrt(sum(x^2) / cols + eps) and
@@ -36,10 +41,23 @@ struct LayerNormFwdParams {
   bool round_xhat = false;     // RMSNorm only
   DType x_dtype = DType::kFloat32;
   DType w_dtype = DType::kFloat32;
+  // Residual add: null for a plain LayerNorm.
+  const void* residual = nullptr;
+  void* sum = nullptr;  // null: the sum is not stored (post-norm)
+  int64_t residual_row_stride = 0;
+  int64_t sum_row_stride = 0;
+  DType r_dtype = DType::kFloat32;
+  DType s_dtype = DType::kFloat32;
 };
 
 // dx, and the column sums dweight = sum_r dy*xhat, dbias = sum_r dy.
 // dweight/dbias may be null (then not computed). dweight/dbias have w_dtype.
+// The normalized rows s are x (in s_dtype), or, when residual is set, x (input, x_dtype)
+// + residual (r_dtype) rounded to s_dtype as in the forward (recomputed, for the
+// post-norm form that stored no sum). dsum (s_dtype, may be null) is the gradient of
+// the forward's sum output: it is added to dx. dx has x_dtype (dy's); dresidual, when
+// set, gets the same values in r_dtype (in the same sweep). Dtypes as in the forward;
+// without residual terms r_dtype = s_dtype = x_dtype.
 // workspace: scratch of the size the backend's workspace query returned (may be
 // null when that size is 0).
 // RMSNorm (rms = true; mean and dbias null): the same with mean = 0, g = dy * (weight +
@@ -66,6 +84,15 @@ struct LayerNormBwdParams {
   double weight_offset = 0.0;
   DType x_dtype = DType::kFloat32;
   DType w_dtype = DType::kFloat32;
+  // Residual add: null for a plain LayerNorm.
+  const void* residual = nullptr;
+  const void* dsum = nullptr;
+  void* dresidual = nullptr;
+  int64_t residual_row_stride = 0;
+  int64_t dsum_row_stride = 0;
+  int64_t dresidual_row_stride = 0;
+  DType r_dtype = DType::kFloat32;
+  DType s_dtype = DType::kFloat32;
 };
 
 // ---------------------------------------------------------------------------------------

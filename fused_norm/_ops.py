@@ -60,25 +60,41 @@ def _save_inputs(ctx, inputs, output):
 def _backward_of(math):
     """Autograd formula of an op: the vector-Jacobian product of `math` (the op in torch
     ops, with the op's arguments; None for an output not computed) at the saved inputs.
-    Differentiable again (create_graph), so every higher order works too."""
+    Differentiable again (create_graph), so every higher order works too.
+
+    Saved inputs may have history of their own (the incoming gradient of a nonlinear loss
+    depends on the forward's input; a saved forward output depends on its inputs), so
+    the product is taken at detached copies: autograd.grad at the tensors themselves would
+    also run their history (again, and into the result). Recording a graph, torch.func.vjp
+    computes it at its own level, which keeps the result connected to the saved inputs."""
 
     def backward(ctx, *grads):
         inputs = [t if a is None else a for t, a in zip(ctx.saved_tensors, ctx.args)]
         wanted = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i]]
         result = [None] * len(inputs)
-        create_graph = torch.is_grad_enabled()  # backward of a backward: keep the graph
-        with torch.enable_grad():
-            # The saved inputs themselves (not detached copies), so that with create_graph
-            # the gradients stay connected to them.
-            leaves = [t.detach().requires_grad_() if i in wanted and not t.requires_grad else t
-                      for i, t in enumerate(inputs)]
-            # (an output not depending on the wanted inputs adds nothing)
-            pairs = [(out, g) for out, g in zip(math(*leaves), grads)
-                     if out is not None and out.requires_grad and g is not None]
-            if not wanted or not pairs:
-                return tuple(result)
-            got = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted], [g for _, g in pairs],
-                                      allow_unused=True, create_graph=create_graph)
+        if not wanted:
+            return tuple(result)
+
+        def outputs_of(*values):
+            args = list(inputs)
+            for i, v in zip(wanted, values):
+                args[i] = v
+            return math(*args)
+
+        if torch.is_grad_enabled():  # backward of a backward: keep the graph
+            outs, vjp_fn = torch.func.vjp(lambda *v: tuple(o if o is not None else v[0].new_zeros(())
+                                                           for o in outputs_of(*v)), *(inputs[i] for i in wanted))
+            got = vjp_fn(tuple(g if g is not None and g.shape == o.shape else torch.zeros_like(o)
+                               for o, g in zip(outs, grads)))
+        else:
+            with torch.enable_grad():
+                leaves = [inputs[i].detach().requires_grad_() for i in wanted]
+                # (an output not depending on the wanted inputs adds nothing)
+                pairs = [(out, g) for out, g in zip(outputs_of(*leaves), grads)
+                         if out is not None and out.requires_grad and g is not None]
+                if not pairs:
+                    return tuple(result)
+                got = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
         for i, g in zip(wanted, got):
             result[i] = g
         return tuple(result)
@@ -150,6 +166,108 @@ def _layer_norm_bwd_math(grad_out, input, normalized_shape, mean, rstd, weight, 
 
 torch.library.register_autograd("fused_norm::layer_norm_bwd", _backward_of(_layer_norm_bwd_math),
                                 setup_context=_save_inputs)
+# ---------------------------------------------------------------------------------------
+# Residual add + LayerNorm (add_layer_norm): the norm of input + residual, with the sum
+# (the new residual stream) as a second output unless store_sum is False (post-norm).
+# Its autograd is registered here (not in C++ as layer_norm_fwd's): the op is meant for
+# transformer-sized rows, where the Python kernel's few microseconds do not show.
+# ---------------------------------------------------------------------------------------
+
+
+def _add_sum_dtype(x_dtype, r_dtype, residual_in_fp32):
+    """dtype of the sum (the C++ op's sum_dtype(), with its messages)."""
+    reduced = (torch.float16, torch.bfloat16)
+    torch._check(r_dtype == x_dtype or (x_dtype in reduced and r_dtype == torch.float32),
+                 lambda: "fused_norm::add_layer_norm: residual must have input's dtype, or float32 for "
+                 f"float16/bfloat16 input; got input {x_dtype} and residual {r_dtype}")
+    torch._check(not residual_in_fp32 or x_dtype != torch.float64,
+                 lambda: f"fused_norm::add_layer_norm: residual_in_fp32 needs float32, float16 or bfloat16 input, "
+                 f"got {x_dtype}")
+    return torch.float32 if residual_in_fp32 else r_dtype
+
+
+def _check_residual(input, residual):
+    if residual.device != input.device:
+        raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{input.device} and {residual.device}!")
+    if residual.shape != input.shape:
+        a, b = list(input.shape), list(residual.shape)
+        for i in range(1, max(len(a), len(b)) + 1):
+            sa = a[-i] if i <= len(a) else 1
+            sb = b[-i] if i <= len(b) else 1
+            torch._check(sa == sb or sa == 1 or sb == 1,
+                         lambda: f"The size of tensor a ({sa}) must match the size of tensor b ({sb}) at "
+                         f"non-singleton dimension {max(len(a), len(b)) - i}")
+        torch._check(False, lambda: "fused_norm::add_layer_norm: residual must have input's shape (no "
+                     f"broadcasting), got input of size {a} and residual of size {b}")
+
+
+@torch.library.register_fake("fused_norm::add_layer_norm_fwd")
+def _add_layer_norm_fwd_fake(input, residual, normalized_shape, weight, bias, eps, residual_in_fp32, store_sum):
+    _check_residual(input, residual)
+    sum_dtype = _add_sum_dtype(input.dtype, residual.dtype, residual_in_fp32)
+    y, mean, rstd = _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps)
+    s = torch.empty(input.shape if store_sum else (0,), dtype=sum_dtype, device=input.device)
+    return y, s, mean, rstd
+
+
+@torch.library.register_fake("fused_norm::add_layer_norm_bwd")
+def _add_layer_norm_bwd_fake(grad_out, grad_sum, x, residual, normalized_shape, mean, rstd, weight, bias, sum_dtype,
+                             residual_dtype):
+    _check_devices(x, grad_out, grad_sum, residual, mean, rstd, weight, bias)
+    dtype = _param_dtype(grad_out, weight, bias)
+    dx = torch.empty(x.shape, dtype=grad_out.dtype, device=x.device)
+    dres = torch.empty(x.shape if residual_dtype != grad_out.dtype else (0,), dtype=residual_dtype, device=x.device)
+    dw = x.new_empty(tuple(normalized_shape) if weight is not None else (0,), dtype=dtype)
+    db = x.new_empty(tuple(normalized_shape) if bias is not None else (0,), dtype=dtype)
+    return dx, dres, dw, db
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    input, residual, normalized_shape, weight, bias, _, _, store_sum = inputs
+    s, mean, rstd = output[1:]
+    # The stored sum is all the backward needs of the rows; without it (post-norm) the
+    # backward forms it again from input and residual.
+    x, res = (s, None) if store_sum else (input, residual)
+    ctx.save_for_backward(x, res, mean, rstd, weight, bias)
+    ctx.normalized_shape = normalized_shape
+    ctx.dtypes = (input.dtype, s.dtype, residual.dtype)
+    ctx.store_sum = store_sum
+
+
+def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
+    x, res, mean, rstd, weight, bias = ctx.saved_tensors
+    x_dtype, sum_dtype, r_dtype = ctx.dtypes
+    if dy is None:  # only the sum reached the loss
+        dy = torch.zeros(x.shape, dtype=x_dtype, device=x.device)
+    dx, dres, dw, db = ops.add_layer_norm_bwd(dy, ds if ctx.store_sum else None, x, res, ctx.normalized_shape, mean,
+                                              rstd, weight, bias, sum_dtype, r_dtype)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, (dx if r_dtype == x_dtype else dres) if need[1] else None, None,
+            dw if weight is not None and need[3] else None, db if bias is not None and need[4] else None,
+            None, None, None)
+
+
+torch.library.register_autograd("fused_norm::add_layer_norm_fwd", _add_layer_norm_backward,
+                                setup_context=_add_layer_norm_setup)
+
+
+def _add_layer_norm_bwd_math(grad_out, grad_sum, x, residual, normalized_shape, mean, rstd, weight, bias, sum_dtype,
+                             residual_dtype):
+    """add_layer_norm_bwd in torch ops (its autograd: the double backward of
+    add_layer_norm): layer_norm_bwd's formula on the sum, formed again as the kernels do
+    when the backward was given input and residual, plus the sum's gradient."""
+    acc = _acc_dtype(grad_out.dtype)
+    s = x if residual is None else (x.to(acc) + residual.to(acc)).to(sum_dtype)
+    dx, dw, db = _layer_norm_bwd_math(grad_out, s, normalized_shape, mean, rstd, weight, bias)
+    dx = dx.to(acc) if grad_sum is None else dx.to(acc) + grad_sum.to(acc)
+    return dx.to(grad_out.dtype), dx.to(residual_dtype) if residual_dtype != grad_out.dtype else None, dw, db
+
+
+torch.library.register_autograd("fused_norm::add_layer_norm_bwd", _backward_of(_add_layer_norm_bwd_math),
+                                setup_context=_save_inputs)
+
+
 # Autocast, as torch: under CUDA autocast layer_norm runs in float32 (torch's "fp32" cast
 # policy: float16/bfloat16 tensors are cast, float64 is not, the output is float32). CPU
 # autocast has no rule for layer_norm, and neither device one for batch_norm: the op gets
@@ -270,6 +388,68 @@ def _rms_norm_bwd_math(grad_out, input, normalized_shape, rstd, weight, weight_o
 
 
 torch.library.register_autograd("fused_norm::rms_norm_bwd", _backward_of(_rms_norm_bwd_math),
+                                setup_context=_save_inputs)
+
+
+# Residual add + RMSNorm (add_rms_norm): as add_layer_norm, on the RMSNorm kernels.
+
+
+@torch.library.register_fake("fused_norm::add_rms_norm_fwd")
+def _add_rms_norm_fwd_fake(input, residual, normalized_shape, weight, eps, weight_offset, round_xhat,
+                           residual_in_fp32, store_sum):
+    _check_residual(input, residual)
+    sum_dtype = _add_sum_dtype(input.dtype, residual.dtype, residual_in_fp32)
+    y, _, rstd = _layer_norm_fwd_fake(input, normalized_shape, weight, None, eps, shape_sep="")
+    s = torch.empty(input.shape if store_sum else (0,), dtype=sum_dtype, device=input.device)
+    return y, s, rstd
+
+
+@torch.library.register_fake("fused_norm::add_rms_norm_bwd")
+def _add_rms_norm_bwd_fake(grad_out, grad_sum, x, residual, normalized_shape, rstd, weight, weight_offset,
+                           sum_dtype, residual_dtype):
+    dx, dres, dw, _ = _add_layer_norm_bwd_fake(grad_out, grad_sum, x, residual, normalized_shape, rstd, rstd,
+                                               weight, None, sum_dtype, residual_dtype)
+    return dx, dres, dw
+
+
+def _add_rms_norm_setup(ctx, inputs, output):
+    input, residual, normalized_shape, weight, _, weight_offset, _, _, store_sum = inputs
+    s, rstd = output[1:]
+    x, res = (s, None) if store_sum else (input, residual)
+    ctx.save_for_backward(x, res, rstd, weight)
+    ctx.normalized_shape = normalized_shape
+    ctx.weight_offset = weight_offset
+    ctx.dtypes = (input.dtype, s.dtype, residual.dtype)
+    ctx.store_sum = store_sum
+
+
+def _add_rms_norm_backward(ctx, dy, ds, _drstd):
+    x, res, rstd, weight = ctx.saved_tensors
+    x_dtype, sum_dtype, r_dtype = ctx.dtypes
+    if dy is None:  # only the sum reached the loss
+        dy = torch.zeros(x.shape, dtype=x_dtype, device=x.device)
+    dx, dres, dw = ops.add_rms_norm_bwd(dy, ds if ctx.store_sum else None, x, res, ctx.normalized_shape, rstd, weight,
+                                        ctx.weight_offset, sum_dtype, r_dtype)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, (dx if r_dtype == x_dtype else dres) if need[1] else None, None,
+            dw if weight is not None and need[3] else None, None, None, None, None, None)
+
+
+torch.library.register_autograd("fused_norm::add_rms_norm_fwd", _add_rms_norm_backward,
+                                setup_context=_add_rms_norm_setup)
+
+
+def _add_rms_norm_bwd_math(grad_out, grad_sum, x, residual, normalized_shape, rstd, weight, weight_offset, sum_dtype,
+                           residual_dtype):
+    """add_rms_norm_bwd in torch ops (its autograd), as _add_layer_norm_bwd_math."""
+    acc = _acc_dtype(grad_out.dtype)
+    s = x if residual is None else (x.to(acc) + residual.to(acc)).to(sum_dtype)
+    dx, dw = _rms_norm_bwd_math(grad_out, s, normalized_shape, rstd, weight, weight_offset)
+    dx = dx.to(acc) if grad_sum is None else dx.to(acc) + grad_sum.to(acc)
+    return dx.to(grad_out.dtype), dx.to(residual_dtype) if residual_dtype != grad_out.dtype else None, dw
+
+
+torch.library.register_autograd("fused_norm::add_rms_norm_bwd", _backward_of(_add_rms_norm_bwd_math),
                                 setup_context=_save_inputs)
 
 

@@ -1,6 +1,7 @@
 """convert_model: switch the LayerNorm / RMSNorm / BatchNorm layers of an existing model
 to fused_norm's modules, in place, including the RMSNorm classes of Hugging Face's model
-families (Llama and its copies, Gemma)."""
+families (Llama and its copies, Gemma); fuse_add_norm: fuse the residual adds of Hugging
+Face BERT and Llama layers into their norms."""
 
 import copy
 import warnings
@@ -8,6 +9,7 @@ import warnings
 import torch
 from torch import nn
 
+from .functional import _add_rms_norm, add_layer_norm_post
 from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedLayerNorm, FusedRMSNorm
 
 # Exact torch class -> fused class. Each fused class subclasses its torch class and only
@@ -198,4 +200,99 @@ def convert_model(model: nn.Module) -> nn.Module:
             )
             continue
         module.__class__ = fused
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Residual add + norm in model code: the add-and-norm of a transformer block is inside a
+# layer's forward (BERT's BertSelfOutput: `self.LayerNorm(hidden_states + input_tensor)`),
+# not a module of its own, so fusing it means another forward for that layer class.
+
+
+def _bert_add_norm_forward(self, hidden_states, input_tensor):
+    """BertSelfOutput.forward / BertOutput.forward (transformers' modeling_bert) with the
+    residual add fused into the LayerNorm. Where the two dtypes differ (under autocast,
+    say), the unfused expression runs, whose sum promotes to the wider dtype."""
+    hidden_states = self.dropout(self.dense(hidden_states))
+    if hidden_states.dtype != input_tensor.dtype:
+        return self.LayerNorm(hidden_states + input_tensor)
+    ln = self.LayerNorm
+    return add_layer_norm_post(hidden_states, input_tensor, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def _llama_decoder_forward(self, hidden_states, **kwargs):
+    """LlamaDecoderLayer.forward (transformers' modeling_llama) with the residual add after
+    the attention fused into post_attention_layernorm: add_rms_norm gives the MLP's input
+    and the new residual in one pass. LlamaRMSNorm multiplies its weight by the normalized
+    sum rounded to the sum's dtype (round_xhat). Where the dtypes differ (a float32 weight
+    of a bfloat16 model promotes the norm's output), the unfused code runs."""
+    residual = hidden_states
+    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    norm = self.post_attention_layernorm
+    if hidden_states.dtype == residual.dtype == norm.weight.dtype:
+        hidden_states, residual = _add_rms_norm("add_rms_norm", hidden_states, residual, norm.weight.shape,
+                                                norm.weight, norm.variance_epsilon, False, True, round_xhat=True)[:2]
+    else:
+        residual = residual + hidden_states
+        hidden_states = norm(residual)
+    return residual + self.mlp(hidden_states)
+
+
+def _bert_layer_ok(module):
+    return type(getattr(module, "LayerNorm", None)) in (nn.LayerNorm, FusedLayerNorm)
+
+
+def _llama_layer_ok(module):
+    from transformers.models.llama import modeling_llama
+    return type(getattr(module, "post_attention_layernorm", None)) is modeling_llama.LlamaRMSNorm
+
+
+def _known_add_norm_classes():
+    """{layer class: (its fused subclass, the check that an instance has the norm the
+    fused forward expects)} for the model code this module knows (and can import):
+    transformers' BertSelfOutput and BertOutput (post-norm LayerNorm) and
+    LlamaDecoderLayer (pre-norm RMSNorm)."""
+    try:
+        from transformers.models.bert import modeling_bert
+        from transformers.models.llama import modeling_llama
+    except ImportError:
+        return {}
+    known = {}
+    for cls, forward, ok in ((modeling_bert.BertSelfOutput, _bert_add_norm_forward, _bert_layer_ok),
+                             (modeling_bert.BertOutput, _bert_add_norm_forward, _bert_layer_ok),
+                             (modeling_llama.LlamaDecoderLayer, _llama_decoder_forward, _llama_layer_ok)):
+        if cls not in _FUSED_ADD_NORM:
+            _FUSED_ADD_NORM[cls] = type(f"FusedAddNorm{cls.__name__}", (cls,), {
+                "forward": forward, "__module__": __name__,
+                "__doc__": f"{cls.__name__} whose residual add runs fused into its norm (fuse_add_norm)."})
+        known[cls] = (_FUSED_ADD_NORM[cls], ok)
+    return known
+
+
+_FUSED_ADD_NORM = {}  # the classes made so far: one per layer class, so instances share it
+
+
+def fuse_add_norm(model: nn.Module) -> nn.Module:
+    r"""Makes the residual add-and-norm layers of Hugging Face BERT and Llama models
+    run fused, in place, and returns ``model``: ``transformers``' ``BertSelfOutput`` and
+    ``BertOutput`` (anywhere in ``model``) compute ``LayerNorm(hidden_states +
+    input_tensor)`` with :func:`fused_norm.add_layer_norm_post`, and ``LlamaDecoderLayer``
+    forms the residual after its attention and normalizes it
+    (``post_attention_layernorm``) with :func:`fused_norm.add_rms_norm`.
+
+    As :func:`convert_model` does for norm layers, it changes the class of each such
+    layer to a subclass whose only difference is ``forward`` (the same dense, dropout and
+    LayerNorm, then the fused add and norm); parameters, ``state_dict`` keys and every
+    reference to the layer stay as they were. Left alone: every other class (subclasses of
+    those included), layers whose norm is not the one the model code builds (BERT: a plain
+    :class:`torch.nn.LayerNorm` or :class:`FusedLayerNorm`; Llama: ``LlamaRMSNorm``), and
+    layers whose ``forward`` was replaced on the instance. Call :func:`convert_model` too for the model's other
+    LayerNorms (the embeddings')."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_add_norm expects a torch.nn.Module, got {type(model).__name__}")
+    known = _known_add_norm_classes()
+    for module in model.modules():
+        fused, ok = known.get(type(module), (None, None))
+        if fused is not None and "forward" not in vars(module) and ok(module):
+            module.__class__ = fused
     return model

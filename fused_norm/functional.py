@@ -1,6 +1,6 @@
 """Functional forms with the signatures of torch.nn.functional."""
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,71 @@ def layer_norm(
         raise
 
 
+def _add_layer_norm(fn, input, residual, normalized_shape, weight, bias, eps, residual_in_fp32, store_sum):
+    try:
+        return ops.add_layer_norm_fwd(input, residual, list(normalized_shape), weight, bias, eps, residual_in_fp32,
+                                      store_sum)
+    except (RuntimeError, TypeError):
+        _raise_type_error(fn, (("input", input, "Tensor"), ("residual", residual, "Tensor"),
+                               ("normalized_shape", normalized_shape, "ints"), ("weight", weight, "Tensor?"),
+                               ("bias", bias, "Tensor?"), ("eps", eps, "float")))
+        raise
+
+
+def add_layer_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: List[int],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    residual_in_fp32: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""The residual add and LayerNorm of a pre-norm transformer block in one pass:
+    returns ``(output, new_residual)`` with
+
+    - ``new_residual = input + residual``, added in float32 (float64 for float64) and
+      stored in ``residual``'s dtype, or in float32 when ``residual_in_fp32``;
+    - ``output = layer_norm(new_residual, normalized_shape, weight, bias, eps)`` in
+      ``input``'s dtype.
+
+    ``residual`` has ``input``'s shape, device and dtype, or float32 for float16/bfloat16
+    ``input`` (a float32 residual stream). Nothing is updated in place; both outputs are
+    new tensors. Differentiable w.r.t. input, residual, weight and bias, with gradients
+    from both outputs."""
+    if has_torch_function_variadic(input, residual, weight, bias):
+        return handle_torch_function(add_layer_norm, (input, residual, weight, bias), input, residual,
+                                     normalized_shape, weight=weight, bias=bias, eps=eps,
+                                     residual_in_fp32=residual_in_fp32)
+    y, s = _add_layer_norm("add_layer_norm", input, residual, normalized_shape, weight, bias, eps,
+                           residual_in_fp32, True)[:2]
+    return y, s
+
+
+def add_layer_norm_post(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: List[int],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    residual_in_fp32: bool = False,
+) -> torch.Tensor:
+    r"""``layer_norm(input + residual, ...)``, the add-and-norm of a post-norm block
+    (BERT's ``LayerNorm(hidden_states + input_tensor)``): :func:`add_layer_norm`'s
+    ``output`` alone, without writing the sum (two reads and one write). The sum is
+    rounded to ``residual``'s dtype before it is normalized, as in the unfused
+    expression; ``residual_in_fp32`` normalizes the float32 sum instead."""
+    if has_torch_function_variadic(input, residual, weight, bias):
+        return handle_torch_function(add_layer_norm_post, (input, residual, weight, bias), input, residual,
+                                     normalized_shape, weight=weight, bias=bias, eps=eps,
+                                     residual_in_fp32=residual_in_fp32)
+    return _add_layer_norm("add_layer_norm_post", input, residual, normalized_shape, weight, bias, eps,
+                           residual_in_fp32, False)[0]
+
+
 def _rms_weight(input: torch.Tensor, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The weight as the kernels take it: input's dtype or, for float16/bfloat16 input,
     float32. torch's rms_norm accepts any floating weight (it multiplies the float32, or
@@ -92,6 +157,59 @@ def rms_norm(
         _raise_type_error("rms_norm", (("input", input, "Tensor"), ("normalized_shape", normalized_shape, "ints"),
                                        ("weight", weight, "Tensor?"), ("eps", 0.0 if eps is None else eps, "float")))
         raise
+
+
+def _add_rms_norm(fn, input, residual, normalized_shape, weight, eps, residual_in_fp32, store_sum, round_xhat=False):
+    try:
+        if eps is None:  # torch's rms_norm of the sum: the machine epsilon of the sum's dtype
+            eps = torch.finfo(torch.float32 if residual_in_fp32 else torch.promote_types(input.dtype,
+                                                                                         residual.dtype)).eps
+        return ops.add_rms_norm_fwd(input, residual, list(normalized_shape), _rms_weight(input, weight), eps, 0.0,
+                                    round_xhat, residual_in_fp32, store_sum)
+    except (RuntimeError, TypeError, AttributeError):
+        _raise_type_error(fn, (("input", input, "Tensor"), ("residual", residual, "Tensor"),
+                               ("normalized_shape", normalized_shape, "ints"), ("weight", weight, "Tensor?"),
+                               ("eps", 0.0 if eps is None else eps, "float")))
+        raise
+
+
+def add_rms_norm(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: List[int],
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+    *,
+    residual_in_fp32: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""The residual add and RMSNorm of a pre-norm block (Llama's) in one pass: returns
+    ``(output, new_residual)``, ``new_residual = input + residual`` as in
+    :func:`add_layer_norm` and ``output = rms_norm(new_residual, normalized_shape, weight,
+    eps)`` in ``input``'s dtype (``eps=None``: the machine epsilon of the sum's dtype, as
+    :func:`torch.nn.functional.rms_norm`)."""
+    if has_torch_function_variadic(input, residual, weight):
+        return handle_torch_function(add_rms_norm, (input, residual, weight), input, residual, normalized_shape,
+                                     weight=weight, eps=eps, residual_in_fp32=residual_in_fp32)
+    y, s = _add_rms_norm("add_rms_norm", input, residual, normalized_shape, weight, eps, residual_in_fp32, True)[:2]
+    return y, s
+
+
+def add_rms_norm_post(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: List[int],
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+    *,
+    residual_in_fp32: bool = False,
+) -> torch.Tensor:
+    r"""``rms_norm(input + residual, ...)`` without writing the sum: :func:`add_rms_norm`'s
+    ``output`` alone."""
+    if has_torch_function_variadic(input, residual, weight):
+        return handle_torch_function(add_rms_norm_post, (input, residual, weight), input, residual,
+                                     normalized_shape, weight=weight, eps=eps, residual_in_fp32=residual_in_fp32)
+    return _add_rms_norm("add_rms_norm_post", input, residual, normalized_shape, weight, eps, residual_in_fp32,
+                         False)[0]
 
 
 def _verify_batch_size(size: List[int]) -> None:

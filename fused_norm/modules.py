@@ -1,13 +1,14 @@
 """nn.Module drop-ins: subclasses of torch's own modules that run fused_norm's kernels.
 Constructor, parameters, state_dict keys, repr and initialization are torch's."""
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .functional import _batch_norm, _SyncBatchNorm, layer_norm, rms_norm
+from .functional import (_batch_norm, _SyncBatchNorm, add_layer_norm, add_layer_norm_post, add_rms_norm,
+                         add_rms_norm_post, layer_norm, rms_norm)
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -21,6 +22,28 @@ class FusedLayerNorm(nn.LayerNorm):
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+class FusedAddLayerNorm(nn.LayerNorm):
+    r"""A :class:`torch.nn.LayerNorm` (same constructor, parameters and checkpoints; an
+    instance of it) whose ``forward(input, residual)`` is the pre-norm add-and-norm:
+    returns ``(output, new_residual)`` as :func:`fused_norm.add_layer_norm`.
+    ``residual_in_fp32`` (keyword, default False) keeps the new residual in float32."""
+
+    def __init__(self, *args, residual_in_fp32: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.residual_in_fp32 = residual_in_fp32
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
+                              residual_in_fp32=self.residual_in_fp32)
+
+
+class FusedPostAddLayerNorm(nn.LayerNorm):
+    r"""A :class:`torch.nn.LayerNorm` whose ``forward(input, residual)`` returns
+    ``LayerNorm(input + residual)`` (post-norm, as BERT) in one pass, as
+    :func:`fused_norm.add_layer_norm_post`; the sum is not stored."""
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return add_layer_norm_post(input, residual, self.normalized_shape, self.weight, self.bias, self.eps)
 class FusedRMSNorm(nn.RMSNorm):
     r"""Drop-in for :class:`torch.nn.RMSNorm` (same constructor, parameters and
     checkpoints) whose forward runs fused_norm's RMSNorm kernels."""
@@ -30,6 +53,29 @@ class FusedRMSNorm(nn.RMSNorm):
             eps = self.eps if self.eps is not None else _machine_eps(x.dtype)
             return torch.ops.fused_norm.rms_norm_fwd(x, list(self.normalized_shape), self.weight, eps)[0]
         return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class FusedAddRMSNorm(nn.RMSNorm):
+    r"""A :class:`torch.nn.RMSNorm` (same constructor, parameters and checkpoints; an
+    instance of it) whose ``forward(input, residual)`` is the pre-norm add-and-norm:
+    returns ``(output, new_residual)`` as :func:`fused_norm.add_rms_norm`.
+    ``residual_in_fp32`` (keyword, default False) keeps the new residual in float32."""
+
+    def __init__(self, *args, residual_in_fp32: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.residual_in_fp32 = residual_in_fp32
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps,
+                            residual_in_fp32=self.residual_in_fp32)
+
+
+class FusedPostAddRMSNorm(nn.RMSNorm):
+    r"""A :class:`torch.nn.RMSNorm` whose ``forward(input, residual)`` returns
+    ``RMSNorm(input + residual)`` in one pass, as :func:`fused_norm.add_rms_norm_post`."""
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return add_rms_norm_post(input, residual, self.normalized_shape, self.weight, self.eps)
 
 
 def _machine_eps(dtype: torch.dtype) -> float:

@@ -17,7 +17,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 
 import fused_norm  # noqa: E402
-from conftest import CUDA_OK, torch_norm_class  # noqa: E402
+from conftest import CUDA_OK, count_fused_calls, torch_norm_class  # noqa: E402
 
 NORMS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
 FUSED = (fused_norm.FusedLayerNorm, fused_norm.FusedBatchNorm1d, fused_norm.FusedBatchNorm2d,
@@ -290,3 +290,87 @@ def test_autocast(name, device, amp_dtype):
             _assert_norm_grads_match_torch(c, device, amp_dtype)
         for (k, a), b in zip(model.named_buffers(), converted.buffers()):
             _assert_same(a, b, k, **tol)
+
+
+def test_bert_fused_add_norm_matches_unconverted():
+    """fuse_add_norm on a BERT (post-norm: LayerNorm(hidden_states + input_tensor) in
+    BertSelfOutput / BertOutput) and convert_model for its other LayerNorm: 3 SGD steps
+    give the unconverted model's logits, loss, gradients and parameters; every
+    add-and-norm runs fused."""
+    model, make_inputs = _bert()
+    converted = fused_norm.convert_model(fused_norm.fuse_add_norm(copy.deepcopy(model)))
+    layers = [m for m in converted.modules() if type(m).__name__.startswith("FusedAddNormBert")]
+    assert len(layers) == 4 and all(isinstance(m.LayerNorm, nn.LayerNorm) for m in layers)
+    assert converted.state_dict().keys() == model.state_dict().keys()
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, converted)]
+    for step in range(3):
+        inputs = make_inputs(step)
+        outs = []
+        for m, opt in zip((model, converted), optimizers):
+            opt.zero_grad()
+            with count_fused_calls() as calls:
+                out = m(**inputs)
+                out.loss.backward()
+            outs.append((out, calls.n))
+        (out_a, n_a), (out_b, n_b) = outs
+        assert n_a == 0 and n_b == 2 * (4 + 1)  # forward and backward of 4 add+norms and the embeddings' norm
+        _assert_same(out_a.logits, out_b.logits, "logits")
+        _assert_same(out_a.loss, out_b.loss, "loss")
+        ga, gb = _grads(model), _grads(converted)
+        for k in ga:
+            _assert_same(ga[k], gb[k], f"grad {k}")
+        for opt in optimizers:
+            opt.step()
+    for (k, a), b in zip(model.named_parameters(), converted.parameters()):
+        _assert_same(a, b, k)
+
+
+def test_fuse_add_norm_leaves_others_alone():
+    model, _ = _bert()
+    layer = model.bert.encoder.layer[0]
+    layer.output.forward = layer.output.forward  # replaced on the instance
+    sub = type("MySelfOutput", (type(layer.attention.output),), {})
+    layer.attention.output.__class__ = sub
+    fused_norm.fuse_add_norm(model)
+    assert type(layer.output).__name__ == "BertOutput" and type(layer.attention.output) is sub
+    assert type(model.bert.encoder.layer[1].output).__name__ == "FusedAddNormBertOutput"
+    assert type(model.bert.embeddings.LayerNorm) is nn.LayerNorm
+
+
+def test_llama_fused_add_norm_matches_unconverted():
+    """fuse_add_norm on a Llama decoder (pre-norm RMSNorm: the residual after the attention
+    and post_attention_layernorm fused into add_rms_norm): 3 SGD steps give the unconverted
+    model's logits, loss, gradients and parameters."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.rand(p.shape) * 0.2)
+    converted = fused_norm.fuse_add_norm(copy.deepcopy(model))
+    assert [type(m).__name__ for m in converted.model.layers] == ["FusedAddNormLlamaDecoderLayer"] * 2
+    assert converted.state_dict().keys() == model.state_dict().keys()
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, converted)]
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, 100, (2, 10), generator=g)
+        outs = []
+        for m, opt in zip((model, converted), optimizers):
+            opt.zero_grad()
+            with count_fused_calls() as calls:
+                out = m(input_ids=ids, labels=ids)
+                out.loss.backward()
+            outs.append((out, calls.n))
+        (out_a, n_a), (out_b, n_b) = outs
+        assert n_a == 0 and n_b == 2 * 2  # forward and backward of one add+norm per layer
+        _assert_same(out_a.logits, out_b.logits, "logits")
+        _assert_same(out_a.loss, out_b.loss, "loss")
+        ga, gb = _grads(model), _grads(converted)
+        for k in ga:
+            _assert_same(ga[k], gb[k], f"grad {k}")
+        for opt in optimizers:
+            opt.step()
+    for (k, a), b in zip(model.named_parameters(), converted.parameters()):
+        _assert_same(a, b, k)

@@ -6,6 +6,14 @@
 // shifted sums, see runs_moments) merged across blocks with Chan's formula; a last sweep
 // writes y (from cache when the row fits in L1/L2). RMSNorm (p.rms) reads the row once
 // for sum(x^2) (the unshifted sums) and writes y as LayerNorm with a mean of 0.
+// Residual add (add_layer_norm): the rows normalized are s = x + residual. Each L1 block
+// of x and residual is read once from memory; the sum, added in registers and rounded to
+// its storage type, is stored to the new residual output (when wanted) and to a scratch
+// row, from which (in L1) the block's moments and the last sweep's y are computed: s is
+// the very value stored as the new residual, so the output is LayerNorm of that tensor,
+// as the unfused composition. The backward forms s the same way (post-norm: the sum was
+// not stored) or reads the stored one, adds the new residual's gradient to dx in the dx
+// sweep and stores dx in the residual's dtype too when it differs from the input's.
 // Backward: per row, one sweep for sum(g) and sum(g*xhat) with g = dy*weight that also
 // accumulates dweight/dbias into per-group partial rows (summed in a fixed order at the
 // end: no atomics, bitwise reproducible); a second sweep writes dx.
@@ -135,9 +143,9 @@ inline vec_t<acc_t<T>> round_to_storage(vec_t<acc_t<T>> v) {
 }
 
 // y = (x - mean) * rstd [rounded to T: kRound] [* w] [+ b] for n values (kStream: see
-// store_loop).
-template <bool kWeight, bool kBias, bool kStream, bool kRound = false, typename T, typename A>
-inline void normalize_block(const T* __restrict x, int64_t n, A mean, A rstd, const A* __restrict w,
+// store_loop). x is T, or the residual sum's storage type (whose accumulation type is T's).
+template <bool kWeight, bool kBias, bool kStream, bool kRound = false, typename X, typename T, typename A>
+inline void normalize_block(const X* __restrict x, int64_t n, A mean, A rstd, const A* __restrict w,
                             const A* __restrict b, T* __restrict y) {
   store_loop<kStream>(
       y, n,
@@ -185,22 +193,54 @@ constexpr int64_t kRowGrainElems = 8192;
 // Rows per parallel task.
 inline int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kRowGrainElems / cols); }
 
-template <typename T, typename W>
+// s = x + residual for n values, added in the accumulation type and rounded to S, into
+// scratch and (when not null) sum, the new residual output (kStream: see store_loop).
+template <bool kStream, typename T, typename R, typename S>
+inline void add_residual(const T* __restrict x, const R* __restrict res, int64_t n, S* __restrict scratch,
+                         S* __restrict sum) {
+  using A = acc_t<T>;
+  auto vec = [&](int64_t i) {
+    const vec_t<A> v = load_vec(x + i) + load_vec(res + i);
+    store_vec(scratch + i, v);
+    return v;
+  };
+  auto scalar = [&](int64_t i) {
+    const A v = to_acc<A>(x[i]) + to_acc<A>(res[i]);
+    scratch[i] = from_acc<S>(v);
+    return v;
+  };
+  if (sum) {
+    store_loop<kStream>(sum, n, vec, scalar);
+    return;
+  }
+  constexpr int64_t L = kLanes<A>;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) vec(i);
+  for (; i < n; ++i) scalar(i);
+}
+
+// T: x and y; R: the residual; S: the normalized rows (T without a residual, else the
+// sum's storage type); W: the parameters.
+template <typename T, typename R, typename S, typename W>
 void forward(const LayerNormFwdParams& p) {
   using A = acc_t<T>;
   const int64_t cols = p.cols;
   const T* x = static_cast<const T*>(p.x);
+  const R* res = static_cast<const R*>(p.residual);
+  S* sum = static_cast<S*>(p.sum);
   T* y = static_cast<T*>(p.y);
   A* mean_out = static_cast<A*>(p.mean);
   A* rstd_out = static_cast<A*>(p.rstd);
   const std::vector<A> w = widen_param<A, W>(p.weight, cols, p.weight_offset);
   const std::vector<A> b = widen_param<A, W>(p.bias, cols);
   const bool round = p.round_xhat && !std::is_same_v<T, A>;
-  const int64_t bytes = p.rows * cols * 2 * static_cast<int64_t>(sizeof(T));
   const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(T));
-  parallel_for_output(bytes, row_bytes, 0, p.rows, row_grain(cols), [&](auto stream, int64_t r0, int64_t r1) {
+  const int64_t elem_bytes = 2 * static_cast<int64_t>(sizeof(T)) + (res ? static_cast<int64_t>(sizeof(R)) : 0) +
+                             (sum ? static_cast<int64_t>(sizeof(S)) : 0);
+  parallel_for_output(p.rows * cols * elem_bytes, row_bytes, 0, p.rows, row_grain(cols),
+                      [&](auto stream, int64_t r0, int64_t r1) {
     constexpr bool kStream = decltype(stream)::value;
-    auto normalize = [&](const T* xr, T* yr, A mean, A rstd) {
+    auto normalize = [&](const S* xr, T* yr, A mean, A rstd) {
       const A* wp = w.data();
       const A* bp = b.data();
       if (round) {  // RMSNorm only: no bias
@@ -219,25 +259,43 @@ void forward(const LayerNormFwdParams& p) {
         normalize_block<false, false, kStream>(xr, cols, mean, rstd, wp, bp, yr);
       }
     };
+    std::vector<S> scratch(res ? cols : 0);
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * p.x_row_stride;
       if (r + 1 < r1) prefetch_row(xr + p.x_row_stride, cols);
       A mean = 0, rstd;
+      Moments<stat_sum_t<S>> m = moments_empty<stat_sum_t<S>>();
+      const S* sr = nullptr;
+      if (res) {
+        const R* rr = res + r * p.residual_row_stride;
+        if (r + 1 < r1) prefetch_row(rr + p.residual_row_stride, cols);
+        S* sumr = sum ? sum + r * p.sum_row_stride : nullptr;
+        for (int64_t c = 0; c < cols; c += kBlock) {
+          const int64_t n = std::min(kBlock, cols - c);
+          add_residual<kStream>(xr + c, rr + c, n, scratch.data() + c, sumr ? sumr + c : nullptr);
+          if (!p.rms) m = moments_merge(m, block_moments(scratch.data() + c, n));
+        }
+        sr = scratch.data();
+      } else if constexpr (std::is_same_v<S, T>) {
+        if (!p.rms) {
+          for (int64_t c = 0; c < cols; c += kBlock)
+            m = moments_merge(m, block_moments(xr + c, std::min(kBlock, cols - c)));
+        }
+        sr = xr;
+      }
       if (p.rms) {
         // Mean square in stat_sum_t, as torch's float32 mean of x^2 but without its
-        // rounding of each square: an overflowing sum gives rstd 0, as torch's.
-        const stat_sum_t<T> sq = shifted_sums<false, false>(xr, 1, 0, cols, A(0), NoStep{}).second;
-        rstd = static_cast<A>(fn_rsqrt(sq / static_cast<stat_sum_t<T>>(cols) + static_cast<stat_sum_t<T>>(p.eps)));
+        // rounding of each square: an overflowing sum gives rstd 0, as torch's. (With a
+        // residual, a second sweep over the sum in the scratch row.)
+        const stat_sum_t<S> sq = shifted_sums<false, false>(sr, 1, 0, cols, A(0), NoStep{}).second;
+        rstd = static_cast<A>(fn_rsqrt(sq / static_cast<stat_sum_t<S>>(cols) + static_cast<stat_sum_t<S>>(p.eps)));
       } else {
-        Moments<stat_sum_t<T>> m = moments_empty<stat_sum_t<T>>();
-        for (int64_t c = 0; c < cols; c += kBlock)
-          m = moments_merge(m, block_moments(xr + c, std::min(kBlock, cols - c)));
         mean = static_cast<A>(m.mean);
         rstd = static_cast<A>(moments_rstd(m, p.eps));
         mean_out[r] = mean;
       }
       rstd_out[r] = rstd;
-      normalize(xr, y + r * p.y_row_stride, mean, rstd);
+      normalize(sr, y + r * p.y_row_stride, mean, rstd);
     }
   });
 }
@@ -247,8 +305,8 @@ void forward(const LayerNormFwdParams& p) {
 // are updated in this load-only sweep rather than in the dx sweep: next to the dx stores,
 // their read-modify-write made the backward 1.1-2x slower (float32 768 columns, 43 to
 // 11000 rows, AVX-512 Intel Xeon, cached stores).
-template <bool kPartial, bool kBias = true, typename T, typename A>
-inline void grad_sums(const T* __restrict x, const T* __restrict dy, const A* __restrict w, int64_t n, A mean,
+template <bool kPartial, bool kBias = true, typename X, typename T, typename A>
+inline void grad_sums(const X* __restrict x, const T* __restrict dy, const A* __restrict w, int64_t n, A mean,
                       A rstd, A* __restrict pw, A* __restrict pb, A& sum_g, A& sum_gx) {
   constexpr int64_t L = kLanes<A>;
   vec_t<A> acc_g = {}, acc_gx = {};
@@ -280,29 +338,60 @@ inline void grad_sums(const T* __restrict x, const T* __restrict dy, const A* __
   sum_gx = fold_lanes<A>(acc_gx, tail_gx);
 }
 
-// dx of a row.
-template <bool kWeight, bool kStream, typename T, typename A>
-inline void dx_row(const T* __restrict x, const T* __restrict dy, const A* __restrict w, int64_t n, A mean, A rstd,
-                   A c1, A c2, T* __restrict dx) {
+// dx of a row, passed through add (see ResidualGrad) before it is stored.
+template <bool kWeight, bool kStream, typename X, typename T, typename A, typename Add>
+inline void dx_row(const X* __restrict x, const T* __restrict dy, const A* __restrict w, int64_t n, A mean, A rstd,
+                   A c1, A c2, T* __restrict dx, const Add& add) {
   store_loop<kStream>(
       dx, n,
       [&](int64_t i) {
         const vec_t<A> xhat = (load_vec(x + i) - mean) * rstd;
         const vec_t<A> g = kWeight ? load_vec(dy + i) * loadu(w + i) : load_vec(dy + i);
-        return rstd * (g - c2 - xhat * c1);  // layer_norm_dx, lane-wise
+        return add(i, vec_t<A>(rstd * (g - c2 - xhat * c1)));  // layer_norm_dx, lane-wise
       },
       [&](int64_t i) {
         const A d = to_acc<A>(dy[i]);
         const A xhat = (to_acc<A>(x[i]) - mean) * rstd;
-        return layer_norm_dx(kWeight ? d * w[i] : d, xhat, rstd, c1, c2);
+        return add(i, layer_norm_dx(kWeight ? d * w[i] : d, xhat, rstd, c1, c2));
       });
 }
 
-template <typename T, typename W>
+// The residual terms of dx (add_layer_norm): the new residual's gradient ds added (when
+// not null), and the result also stored in the residual's dtype (dres, when not null),
+// from registers. A plain LayerNorm passes dx through.
+template <typename S, typename R>
+struct ResidualGrad {
+  const S* ds;
+  R* dres;
+  template <typename V>
+  V operator()(int64_t i, V v) const {
+    if constexpr (std::is_arithmetic_v<V>) {
+      if (ds) v += to_acc<V>(ds[i]);
+      if (dres) dres[i] = from_acc<R>(v);
+    } else {
+      if (ds) v += load_vec(ds + i);
+      if (dres) store_vec(dres + i, v);
+    }
+    return v;
+  }
+};
+struct NoResidualGrad {
+  template <typename V>
+  V operator()(int64_t, V v) const {
+    return v;
+  }
+};
+
+// T: dy and dx; R: the residual; S: the normalized rows (x, or x + residual); W: the
+// parameters.
+template <typename T, typename R, typename S, typename W>
 void backward(const LayerNormBwdParams& p) {
   using A = acc_t<T>;
   const int64_t cols = p.cols, rows = p.rows;
-  const T* x = static_cast<const T*>(p.x);
+  const R* res = static_cast<const R*>(p.residual);
+  const S* ds = static_cast<const S*>(p.dsum);
+  R* dres = static_cast<R*>(p.dresidual);
+  const bool residual_terms = res || ds || dres;
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
   const A* mean_in = static_cast<const A*>(p.mean);  // null for RMSNorm (mean 0)
@@ -319,16 +408,25 @@ void backward(const LayerNormBwdParams& p) {
   std::vector<A> partial((want_dw || want_db) ? groups * 2 * cols : 0, A(0));
   const A inv_cols = A(1) / static_cast<A>(cols);
 
-  const int64_t bytes = rows * cols * 3 * static_cast<int64_t>(sizeof(T));
+  const int64_t elem_bytes = 3 * static_cast<int64_t>(sizeof(T)) + (res ? static_cast<int64_t>(sizeof(R)) : 0) +
+                             (ds ? static_cast<int64_t>(sizeof(S)) : 0) + (dres ? static_cast<int64_t>(sizeof(R)) : 0);
   const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(T));
-  parallel_for_output(bytes, row_bytes, 0, groups, 1, [&](auto stream, int64_t g0, int64_t g1) {
+  parallel_for_output(rows * cols * elem_bytes, row_bytes, 0, groups, 1, [&](auto stream, int64_t g0, int64_t g1) {
     constexpr bool kStream = decltype(stream)::value;
+    std::vector<S> scratch(res ? cols : 0);
     for (int64_t g = g0; g < g1; ++g) {
       A* pw = partial.empty() ? nullptr : partial.data() + g * 2 * cols;
       A* pb = pw ? pw + cols : nullptr;
       const int64_t r_end = rows * (g + 1) / groups;
       for (int64_t r = rows * g / groups; r < r_end; ++r) {
-        const T* xr = x + r * p.x_row_stride;
+        const S* xr;
+        if (res) {  // the post-norm sum, formed again as the forward did
+          add_residual<false>(static_cast<const T*>(p.x) + r * p.x_row_stride, res + r * p.residual_row_stride,
+                              cols, scratch.data(), static_cast<S*>(nullptr));
+          xr = scratch.data();
+        } else {
+          xr = static_cast<const S*>(p.x) + r * p.x_row_stride;
+        }
         const T* dyr = dy + r * p.dy_row_stride;
         const A mean = mean_in ? mean_in[r] : A(0), rstd = rstd_in[r];
         A sum_g = 0, sum_gx = 0;
@@ -342,10 +440,18 @@ void backward(const LayerNormBwdParams& p) {
         const A c1 = sum_gx * rstd * inv_cols;  // mean of g * xhat
         const A c2 = p.rms ? A(0) : sum_g * inv_cols;  // mean of g (RMSNorm: no mean term)
         T* dxr = dx + r * p.dx_row_stride;
-        if (wp) {
-          dx_row<true, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr);
+        auto write_dx = [&](const auto& add) {
+          if (wp) {
+            dx_row<true, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, add);
+          } else {
+            dx_row<false, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr, add);
+          }
+        };
+        if (residual_terms) {
+          write_dx(ResidualGrad<S, R>{ds ? ds + r * p.dsum_row_stride : nullptr,
+                                      dres ? dres + r * p.dresidual_row_stride : nullptr});
         } else {
-          dx_row<false, kStream>(xr, dyr, wp, cols, mean, rstd, c1, c2, dxr);
+          write_dx(NoResidualGrad{});
         }
       }
     }
@@ -367,12 +473,33 @@ void backward(const LayerNormBwdParams& p) {
   });
 }
 
+// Calls f(R{}, S{}) with the storage types of the residual and of the normalized rows
+// for x of type T (see LayerNormFwdParams): T itself, or float for half/bfloat16 x.
+template <typename T, typename F>
+inline void dispatch_residual(DType r, DType s, F&& f) {
+  if constexpr (sizeof(T) == 2) {
+    if (r == DType::kFloat32) return f(float{}, float{});
+    if (s == DType::kFloat32) return f(T{}, float{});
+  }
+  f(T{}, T{});
+}
+
 }  // namespace ln
 
 void layer_norm_fwd(const LayerNormFwdParams& p) {
-  dispatch_storage(p.x_dtype, p.w_dtype, [&](auto t, auto w) { ln::forward<decltype(t), decltype(w)>(p); });
+  dispatch_storage(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
+    using T = decltype(t);
+    ln::dispatch_residual<T>(p.r_dtype, p.s_dtype, [&](auto r, auto s) {
+      ln::forward<T, decltype(r), decltype(s), decltype(w)>(p);
+    });
+  });
 }
 
 void layer_norm_bwd(const LayerNormBwdParams& p) {
-  dispatch_storage(p.x_dtype, p.w_dtype, [&](auto t, auto w) { ln::backward<decltype(t), decltype(w)>(p); });
+  dispatch_storage(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
+    using T = decltype(t);
+    ln::dispatch_residual<T>(p.r_dtype, p.s_dtype, [&](auto r, auto s) {
+      ln::backward<T, decltype(r), decltype(s), decltype(w)>(p);
+    });
+  });
 }
