@@ -102,7 +102,10 @@ def test_fused_class_needs_nothing_beyond_the_torch_instance(torch_cls, fused_cl
     # The classes between the fused class and torch's define forward and nothing else.
     mro = fused_cls.__mro__
     for cls in mro[:mro.index(torch_cls)]:
-        assert set(vars(cls)) - {"forward"} <= {"__module__", "__doc__", "__qualname__", "__dict__", "__weakref__",
+        # Python 3.10+ stores an empty __annotations__ in a class when something reads it
+        # (TorchScript does, when a test before this one scripted the class).
+        empty = {"__annotations__"} if not vars(cls).get("__annotations__", True) else set()
+        assert set(vars(cls)) - {"forward"} - empty <= {"__module__", "__doc__", "__qualname__", "__dict__", "__weakref__",
                                                 "__firstlineno__", "__static_attributes__"}, cls
 
 
