@@ -292,16 +292,10 @@ def test_autocast(name, device, amp_dtype):
             _assert_same(a, b, k, **tol)
 
 
-def test_bert_fused_add_norm_matches_unconverted():
-    """fuse_add_norm on a BERT (post-norm: LayerNorm(hidden_states + input_tensor) in
-    BertSelfOutput / BertOutput) and convert_model for its other LayerNorm: 3 SGD steps
-    give the unconverted model's logits, loss, gradients and parameters; every
-    add-and-norm runs fused."""
-    model, make_inputs = _bert()
-    converted = fused_norm.convert_model(fused_norm.fuse_add_norm(copy.deepcopy(model)))
-    layers = [m for m in converted.modules() if type(m).__name__.startswith("FusedAddNormBert")]
-    assert len(layers) == 4 and all(isinstance(m.LayerNorm, nn.LayerNorm) for m in layers)
-    assert converted.state_dict().keys() == model.state_dict().keys()
+def _sgd_steps_match(model, converted, make_inputs, fused_calls):
+    """3 SGD steps of the model and its converted copy side by side: the same logits, loss
+    and gradients at each step and the same parameters after; the converted model makes
+    fused_calls op calls per step (forward and backward) and the original none."""
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, converted)]
     for step in range(3):
         inputs = make_inputs(step)
@@ -313,7 +307,7 @@ def test_bert_fused_add_norm_matches_unconverted():
                 out.loss.backward()
             outs.append((out, calls.n))
         (out_a, n_a), (out_b, n_b) = outs
-        assert n_a == 0 and n_b == 2 * (4 + 1)  # forward and backward of 4 add+norms and the embeddings' norm
+        assert n_a == 0 and n_b == fused_calls
         _assert_same(out_a.logits, out_b.logits, "logits")
         _assert_same(out_a.loss, out_b.loss, "loss")
         ga, gb = _grads(model), _grads(converted)
@@ -323,6 +317,20 @@ def test_bert_fused_add_norm_matches_unconverted():
             opt.step()
     for (k, a), b in zip(model.named_parameters(), converted.parameters()):
         _assert_same(a, b, k)
+
+
+def test_bert_fused_add_norm_matches_unconverted():
+    """fuse_add_norm on a BERT (post-norm: LayerNorm(hidden_states + input_tensor) in
+    BertSelfOutput / BertOutput) and convert_model for its other LayerNorm: 3 SGD steps
+    give the unconverted model's logits, loss, gradients and parameters; every
+    add-and-norm runs fused."""
+    model, make_inputs = _bert()
+    converted = fused_norm.convert_model(fused_norm.fuse_add_norm(copy.deepcopy(model)))
+    layers = [m for m in converted.modules() if type(m).__name__.startswith("FusedAddNormBert")]
+    assert len(layers) == 4 and all(isinstance(m.LayerNorm, nn.LayerNorm) for m in layers)
+    assert converted.state_dict().keys() == model.state_dict().keys()
+    # forward and backward of 4 add+norms and the embeddings' norm
+    _sgd_steps_match(model, converted, make_inputs, fused_calls=2 * (4 + 1))
 
 
 def test_fuse_add_norm_leaves_others_alone():
@@ -352,25 +360,9 @@ def test_llama_fused_add_norm_matches_unconverted():
     converted = fused_norm.fuse_add_norm(copy.deepcopy(model))
     assert [type(m).__name__ for m in converted.model.layers] == ["FusedAddNormLlamaDecoderLayer"] * 2
     assert converted.state_dict().keys() == model.state_dict().keys()
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, converted)]
-    for step in range(3):
-        g = torch.Generator().manual_seed(step)
-        ids = torch.randint(0, 100, (2, 10), generator=g)
-        outs = []
-        for m, opt in zip((model, converted), optimizers):
-            opt.zero_grad()
-            with count_fused_calls() as calls:
-                out = m(input_ids=ids, labels=ids)
-                out.loss.backward()
-            outs.append((out, calls.n))
-        (out_a, n_a), (out_b, n_b) = outs
-        assert n_a == 0 and n_b == 2 * 2  # forward and backward of one add+norm per layer
-        _assert_same(out_a.logits, out_b.logits, "logits")
-        _assert_same(out_a.loss, out_b.loss, "loss")
-        ga, gb = _grads(model), _grads(converted)
-        for k in ga:
-            _assert_same(ga[k], gb[k], f"grad {k}")
-        for opt in optimizers:
-            opt.step()
-    for (k, a), b in zip(model.named_parameters(), converted.parameters()):
-        _assert_same(a, b, k)
+
+    def make_inputs(step):
+        ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(step))
+        return dict(input_ids=ids, labels=ids)
+
+    _sgd_steps_match(model, converted, make_inputs, fused_calls=2 * 2)  # one add+norm per layer, both ways
