@@ -1,5 +1,7 @@
 """Shared test helpers: the devices to run on and accuracy comparisons against torch."""
 
+import copy
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -190,3 +192,34 @@ def assert_gradients_of_every_subset(ours, theirs, call, x, weight, bias, dy):
                 assert not call(fn, *args).requires_grad
         for a, b in zip(*grads, strict=True):
             torch.testing.assert_close(a, b)
+
+
+class ResidualBlock(torch.nn.Module):
+    """x + relu(fc(x)) through a norm module, as in transformer layers."""
+
+    def __init__(self, d, norm):
+        super().__init__()
+        self.fc = torch.nn.Linear(d, d)
+        self.norm = norm
+
+    def forward(self, x):
+        return self.norm(x + torch.relu(self.fc(x)))
+
+
+def assert_compiled_block_matches_eager(norm, device, dynamic):
+    """torch.compile(fullgraph=True) of a ResidualBlock around `norm` gives eager's output
+    and parameter gradients, for two row counts (a recompile, or one dynamic graph).
+    Returns the eager block."""
+    model = ResidualBlock(norm.normalized_shape[-1], norm).to(device)
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True, dynamic=dynamic)
+    for rows in (5, 9):
+        x = torch.randn(2, rows, model.fc.in_features, device=device)
+        outs = []
+        for m in (model, compiled):
+            m.zero_grad()
+            y = m(x)
+            y.square().sum().backward()
+            outs.append([y.detach()] + [p.grad for p in m.parameters()])
+        for a, c in zip(*outs):
+            torch.testing.assert_close(a, c)
+    return model

@@ -1,6 +1,5 @@
 """fused_norm.layer_norm / FusedLayerNorm against torch.nn.functional.layer_norm / nn.LayerNorm."""
 
-import copy
 
 import pytest
 import torch
@@ -8,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_norm
-from conftest import CUDA_OK, DTYPE_IDS, DTYPES, assert_close_to_reference, assert_gradients_of_every_subset, cpu_capabilities
+from conftest import (CUDA_OK, DTYPE_IDS, DTYPES, assert_close_to_reference, assert_compiled_block_matches_eager,
+                      assert_gradients_of_every_subset, cpu_capabilities)
 
 ops = torch.ops.fused_norm
 
@@ -196,33 +196,10 @@ def test_statistics_dtype(device, dtype, wdtype):
     assert mean.shape == rstd.shape == (4, 1)
 
 
-class _Block(nn.Module):
-    """A residual block with LayerNorm, as in transformer layers."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-        self.norm = fused_norm.FusedLayerNorm(d)
-
-    def forward(self, x):
-        return self.norm(x + torch.relu(self.fc(x)))
-
-
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_compile_matches_eager(device, dynamic):
     torch.manual_seed(0)
-    model = _Block(48).to(device)
-    compiled = torch.compile(copy.deepcopy(model), fullgraph=True, dynamic=dynamic)
-    for rows in (5, 9):
-        x = torch.randn(2, rows, 48, device=device)
-        outs = []
-        for m in (model, compiled):
-            m.zero_grad()
-            y = m(x)
-            y.square().sum().backward()
-            outs.append([y.detach()] + [p.grad for p in m.parameters()])
-        for a, c in zip(*outs):
-            torch.testing.assert_close(a, c)
+    assert_compiled_block_matches_eager(fused_norm.FusedLayerNorm(48), device, dynamic)
 
 
 def test_module_is_a_layernorm_and_checkpoints_both_ways():

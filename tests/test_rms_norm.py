@@ -1,7 +1,6 @@
 """fused_norm.rms_norm / FusedRMSNorm and the rms_norm_fwd/bwd ops against
 torch.nn.functional.rms_norm / nn.RMSNorm (and float64 references)."""
 
-import copy
 
 import pytest
 import torch
@@ -9,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_norm
-from conftest import DTYPE_IDS, DTYPES, assert_accurate, count_fused_calls, cpu_capabilities, raises_like_torch
+from conftest import (DTYPE_IDS, DTYPES, assert_accurate, assert_compiled_block_matches_eager, count_fused_calls,
+                      cpu_capabilities, raises_like_torch)
 
 ops = torch.ops.fused_norm
 
@@ -225,30 +225,9 @@ def test_opcheck(device, dtype, wdtype, offset, round_xhat):
     torch.library.opcheck(ops.rms_norm_bwd, (dy, x.detach(), [4, 40], rstd, w, offset))
 
 
-class _Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-        self.norm = fused_norm.FusedRMSNorm(d)
-
-    def forward(self, x):
-        return self.norm(x + torch.relu(self.fc(x)))
-
-
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_compile_matches_eager(device, dynamic):
-    model = _Block(48).to(device)
-    compiled = torch.compile(copy.deepcopy(model), fullgraph=True, dynamic=dynamic)
-    for rows in (5, 9):
-        x = torch.randn(2, rows, 48, device=device)
-        outs = []
-        for m in (model, compiled):
-            m.zero_grad()
-            y = m(x)
-            y.square().sum().backward()
-            outs.append([y.detach()] + [p.grad for p in m.parameters()])
-        for a, c in zip(*outs):
-            torch.testing.assert_close(a, c)
+    model = assert_compiled_block_matches_eager(fused_norm.FusedRMSNorm(48), device, dynamic)
     graph = torch._dynamo.explain(model)(torch.randn(2, 5, 48, device=device)).graphs[0]
     assert "torch.ops.fused_norm.rms_norm_fwd" in graph.code
 
