@@ -3,8 +3,8 @@
     python tests/gpu_checks.py tour [--reductions]   every kernel tier once, small shapes
                                                      (for compute-sanitizer), against the
                                                      CPU kernels
-    python tests/gpu_checks.py large                 LayerNorm and BatchNorm over more than
-                                                     2^31 elements
+    python tests/gpu_checks.py large                 LayerNorm, residual add + RMSNorm and
+                                                     BatchNorm over more than 2^31 elements
     python tests/gpu_checks.py graph                 forward + backward captured in a CUDA
                                                      graph and replayed, against eager
 
@@ -56,6 +56,7 @@ def tour(reductions_only):
                                                                w.to(dev), b.to(dev))))
                 for name, c, g in zip(("y", "dx", "dweight", "dbias"), *res):
                     ok &= _close(g, c, f"layer_norm {name} {rows}x{cols} {dtype}", dtype)
+                ok &= _tour_rms_and_add(x, dy, w, b)
         for shape, fmt in BN_SHAPES:
             x = torch.randn(shape, dtype=dtype) + 1
             dy = torch.randn(shape, dtype=dtype)
@@ -79,6 +80,31 @@ def tour(reductions_only):
     return ok
 
 
+def _tour_rms_and_add(x, dy, w, b):
+    """RMSNorm, and the residual add of both norms (pre-norm: the sum stored, its gradient
+    added; post-norm: the sum formed again), on CUDA against the CPU kernels."""
+    ok = True
+    rows, cols = x.shape
+    dtype = x.dtype
+    r = torch.randn(rows, cols, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    ds = torch.randn(rows, cols, dtype=r.dtype)
+    res = []
+    for dev in ("cpu", "cuda"):
+        X, DY, W, B, R, DS = (t.to(dev) for t in (x, dy, w, b, r, ds))
+        y, rstd = ops.rms_norm_fwd(X, [cols], W, 1e-5, 0.0, False)
+        out = [y, *ops.rms_norm_bwd(DY, X, [cols], rstd, W, 0.0)]
+        for store in (True, False):
+            y, s, mean, rstd = ops.add_layer_norm_fwd(X, R, [cols], W, B, 1e-5, False, store)
+            xs, rs, dss = (s, None, DS) if store else (X, R, None)
+            out += [y, s, *ops.add_layer_norm_bwd(DY, dss, xs, rs, [cols], mean, rstd, W, B, r.dtype, r.dtype)]
+            y, s, rstd = ops.add_rms_norm_fwd(X, R, [cols], W, 1e-5, 1.0, True, False, store)
+            out += [y, s, *ops.add_rms_norm_bwd(DY, dss, xs, rs, [cols], rstd, W, 1.0, r.dtype, r.dtype)]
+        res.append(out)
+    for i, (c, g) in enumerate(zip(*res)):
+        ok &= _close(g, c, f"rms/add output {i} {rows}x{cols} {dtype}", dtype)
+    return ok
+
+
 def large():
     ok = True
     rows, cols = 2**21 + 3, 1024  # LayerNorm: 2^31 + 3072 bf16 elements
@@ -92,6 +118,16 @@ def large():
     y.backward(torch.ones_like(y))
     ok &= bool(torch.isfinite(xg.grad[tail]).all() and torch.isfinite(w.grad).all())
     del x, xg, y, w
+    torch.cuda.empty_cache()
+    # Residual add + RMSNorm over 2^31 + 3072 bf16 elements, pre-norm; the last rows.
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    w = torch.rand(cols, device="cuda", dtype=torch.bfloat16)
+    y, s = fused_norm.add_rms_norm(x, r, (cols,), w, 1e-6)
+    s_ref = x[tail] + r[tail]
+    ok &= bool(torch.equal(s[tail], s_ref))
+    ok &= _close(y[tail], F.rms_norm(s_ref, (cols,), w, 1e-6), "large add_rms_norm y tail", torch.bfloat16)
+    del x, r, y, s
     torch.cuda.empty_cache()
     # BatchNorm: (4, 16, 2^25 + 3) bf16, 2^31 + 192 elements; the last channel's outputs.
     shape = (4, 16, 2**25 + 3)

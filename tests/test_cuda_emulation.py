@@ -6,7 +6,9 @@ difference; reverse order alone hides some), and within the usual tolerances of 
 (computed in the same dtype and in float64). The cases reach every tier and branch of
 the launchers and kernels: LayerNorm's warp-group, block and streaming tiers in both
 directions (RMSNorm's too, with its weight offset and rounding point), vector and scalar
-accesses (odd widths, unaligned pointers, strided rows),
+accesses (odd widths, unaligned pointers, strided rows), the residual-add forms of
+both norms (pre-norm with the sum stored, post-norm with it formed again in the backward;
+the float32 residual stream of fp16/bf16 inputs),
 BatchNorm's two layouts with and without split reductions, its finalize kernel, the
 vector straddling two planes, scalar tails, eval and training, the synchronized-BatchNorm
 phases, and small SM counts that make the grid-stride loops repeat. Skipped unless the
@@ -199,6 +201,144 @@ def test_rms_norm_row_layouts_and_no_weight(rows, cols, layout):
 def test_rms_norm_qk_norm_rows_and_sm_counts(rows, cols, sms):
     """Many narrow rows (per-head QK-norm: several rows per warp, grid-stride loops)."""
     _rms_check(rows, cols, torch.bfloat16, torch.bfloat16, sms=sms)
+
+
+# ---------------------------------------------------------------------------------------
+# Residual add + LayerNorm / RMSNorm (add_layer_norm_fwd/bwd, add_rms_norm_fwd/bwd).
+
+def _add_check(rows, cols, dtype, rdtype, wdtype, fp32=False, rms=False, layout="contiguous", sms=2,
+               weight=True, mode="torch"):
+    """Both forms through the emulated kernels: pre-norm (the sum stored; the backward from
+    it, with the sum's gradient added) and post-norm (no sum stored; the backward forms it
+    again from input and residual). Against torch's unfused composition in the working
+    dtype and in float64, and the sum bit for bit against the rounded sum. RMSNorm's mode
+    as in _rms_check."""
+    x = _rows(rows, cols, dtype, layout, scale=2.0)
+    r = _rows(rows, cols, rdtype, layout)
+    sdt = torch.float32 if fp32 else rdtype
+    dy = _rows(rows, cols, dtype, layout)
+    ds = _rows(rows, cols, sdt, layout)
+    w = (torch.rand(cols, dtype=torch.float64) + 0.5).to(wdtype) if weight else None
+    b = torch.randn(cols, dtype=torch.float64).to(wdtype) if weight and not rms else None
+    eps = 1e-5
+    offset, round_xhat = {"torch": (0.0, False), "gemma": (1.0, False), "llama": (0.0, True)}[mode]
+
+    def fwd(store):
+        if rms:
+            y, s, rstd = ops.add_rms_norm_fwd(x, r, [cols], w, eps, offset, round_xhat, fp32, store)
+            return y, s, None, rstd
+        return ops.add_layer_norm_fwd(x, r, [cols], w, b, eps, fp32, store)
+
+    def bwd(dsum, xs, res, mean, rstd):
+        if rms:
+            dx, dres, dw = ops.add_rms_norm_bwd(dy, dsum, xs, res, [cols], rstd, w, offset, sdt, rdtype)
+            return dx, dres, dw, None
+        return ops.add_layer_norm_bwd(dy, dsum, xs, res, [cols], mean, rstd, w, b, sdt, rdtype)
+
+    def ours():
+        y, s, mean, rstd = fwd(True)
+        pre = (y, s, rstd) + bwd(ds, s, None, mean, rstd)[:3]
+        y_post, s_post, _, rstd_post = fwd(False)
+        post = (y_post, s_post, rstd_post) + bwd(None, x, r, mean, rstd)[:3]
+        return pre + post
+
+    out = run_schedules(ours, sms=sms)
+    has_w = w is not None
+    pre, post = out[:6], out[6:]  # y, s, rstd, dx, dres, dw (empty without weight) per form
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    exact_sum = (x.to(acc) + r.to(acc)).to(sdt)
+    assert torch.equal(_bits(pre[1]), _bits(exact_sum)), "the stored sum is not the rounded sum"
+    assert post[1].numel() == 0
+    torch.testing.assert_close(post[0], pre[0], rtol=0, atol=0)  # the same rows, whichever form
+
+    def reference(t, with_ds):
+        wide = t == torch.float64
+        leaves = [(v.double() if wide else v).detach().requires_grad_() if v is not None else None
+                  for v in (x, r, w, b)]
+        s = leaves[0].to(acc) + leaves[1].to(acc)
+        s = s.to(sdt).to(torch.float64) if wide else s.to(sdt)  # float64: of the rounded sum
+        p = [v.to(acc if rms and not wide else s.dtype) if v is not None else None for v in leaves[2:]]
+        if rms:  # torch's rms_norm, with the Hugging Face modes
+            sa = s if wide else s.to(acc)
+            o = sa * torch.rsqrt(sa.pow(2).mean(-1, keepdim=True) + eps)
+            if round_xhat and not wide:
+                o = o.to(dtype).to(acc)
+            o = o * (p[0] + offset) if w is not None else o
+        else:
+            o = F.layer_norm(s, (cols,), p[0], p[1], eps)
+        o = o.to(torch.float64 if wide else dtype)
+        loss = (o.double() * dy.double()).sum() + ((s.double() * ds.double()).sum() if with_ds else 0)
+        grads = torch.autograd.grad(loss, [v for v in leaves if v is not None])
+        return o, grads
+
+    for form, with_ds in ((pre, True), (post, False)):
+        theirs, theirs_g = reference(dtype, with_ds)
+        ref, ref_g = reference(torch.float64, with_ds)
+        assert_accurate(form[0], theirs, ref, dtype, "y")
+        dres = form[4] if rdtype != dtype else form[3]
+        assert form[4].numel() == (0 if rdtype == dtype else x.numel())
+        ours_g = [form[3], dres] + ([form[5]] if has_w else [])
+        for name, o, t_, r_ in zip(("dx", "dresidual", "dweight"), ours_g, theirs_g, ref_g):
+            assert_accurate(o, t_.to(o.dtype), r_, o.dtype if name != "dweight" else dtype, name, ulps=16)
+
+
+# (input, residual, parameters, residual_in_fp32): same-dtype, the float32 residual
+# stream of fp16/bf16 models, and a float32 sum of a bf16 residual.
+ADD_DTYPES = [
+    (torch.float32, torch.float32, torch.float32, False),
+    (torch.float64, torch.float64, torch.float64, False),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16, False),
+    (torch.float16, torch.float32, torch.float32, False),
+    (torch.bfloat16, torch.bfloat16, torch.float32, True),
+]
+ADD_DTYPE_IDS = ["fp32", "fp64", "bf16", "fp16+fp32res", "bf16-sum32+fp32w"]
+# The warp tier (one and several vectors per lane), the block and streaming tiers, and
+# the scalar path (odd widths: its own warp, block and streaming tiers).
+ADD_SHAPES = [(37, 64), (9, 768), (3, 4096), (2, 20000), (9, 33), (3, 1025), (2, 5003)]
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("dtypes", ADD_DTYPES, ids=ADD_DTYPE_IDS)
+@pytest.mark.parametrize("rows,cols", ADD_SHAPES)
+def test_add_norm_tiers(rows, cols, dtypes, rms):
+    dtype, rdtype, wdtype, fp32 = dtypes
+    _add_check(rows, cols, dtype, rdtype, wdtype, fp32=fp32, rms=rms)
+
+
+@pytest.mark.parametrize("layout", ["strided", "offset"])
+@pytest.mark.parametrize("rows,cols", [(9, 64), (5, 1024), (2, 20000)])
+def test_add_norm_row_layouts(rows, cols, layout):
+    """Strided rows (vectors, the row strides honoured) and misaligned ones (scalar)."""
+    _add_check(rows, cols, torch.bfloat16, torch.float32, torch.float32, layout=layout)
+    _add_check(rows, cols, torch.float32, torch.float32, torch.float32, rms=True, layout=layout)
+
+
+@pytest.mark.parametrize("sms", [1, 132])
+@pytest.mark.parametrize("rows,cols", [(300, 128), (40, 1024), (9, 20000)])
+def test_add_norm_sm_counts_and_no_weight(rows, cols, sms):
+    _add_check(rows, cols, torch.float32, torch.float32, torch.float32, sms=sms, weight=False)
+    _add_check(rows, cols, torch.bfloat16, torch.bfloat16, torch.bfloat16, rms=True, sms=sms)
+
+
+@pytest.mark.parametrize("mode", ["gemma", "llama"])
+@pytest.mark.parametrize("rows,cols", [(37, 64), (3, 4096), (2, 20000), (3, 1025)])
+def test_add_rms_norm_hf_modes(rows, cols, mode):
+    _add_check(rows, cols, torch.bfloat16, torch.bfloat16, torch.float32, rms=True, mode=mode)
+    _add_check(rows, cols, torch.float16, torch.float32, torch.float32, rms=True, mode=mode)
+
+
+def test_add_norm_misaligned_residual_only():
+    """An aligned input with a residual one element off: every access falls back to
+    scalar, and the results equal those of aligned copies."""
+    rows, cols = 6, 1024
+    x = torch.randn(rows, cols)
+    r = torch.randn(rows * cols + 1)[1:].view(rows, cols)
+    w, b = torch.rand(cols) + 0.5, torch.randn(cols)
+    with testing.emulate_cuda(schedule="forward", sms=2):
+        odd = ops.add_layer_norm_fwd(x, r, [cols], w, b, 1e-5, False, True)
+        even = ops.add_layer_norm_fwd(x, r.clone(), [cols], w, b, 1e-5, False, True)
+    for a, c in zip(odd, even):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
 
 
 def test_layer_norm_backward_workspace_is_bounded():

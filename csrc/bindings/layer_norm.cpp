@@ -183,20 +183,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd(
   p.w_dtype = to_dtype(w_type, op_name);
   p.r_dtype = to_dtype(r_type, op_name);
   p.s_dtype = to_dtype(s_type, op_name);
-  if (!add) {
-    run_on_device(
-        input, [&] { layer_norm_fwd_cpu(p); },
-        FN_CUDA_LAUNCH([&](cudaStream_t stream) { return layer_norm_fwd_cuda(p, stream); }));
-    if (!y.is_same(y_out)) y_out.copy_(y);
-    return {y_out, sum, mean, rstd};
+  at::Tensor r;  // (kept alive until the kernel ran)
+  if (add) {
+    int64_t r_rs = 0;
+    std::tie(r, r_rs) = as_rows(add->residual, k, cols);
+    p.residual = r.const_data_ptr();
+    p.residual_row_stride = r_rs;
+    p.sum = add->store_sum ? sum.mutable_data_ptr() : nullptr;
+    p.sum_row_stride = cols;
   }
-  const auto [r, r_rs] = as_rows(add->residual, k, cols);
-  p.residual = r.const_data_ptr();
-  p.residual_row_stride = r_rs;
-  p.sum = add->store_sum ? sum.mutable_data_ptr() : nullptr;
-  p.sum_row_stride = cols;
-  TORCH_CHECK_NOT_IMPLEMENTED(input.is_cpu(), kAddOpName, ": no kernels for ", input.device(), " tensors");
-  layer_norm_fwd_cpu(p);
+  run_on_device(
+      input, [&] { layer_norm_fwd_cpu(p); },
+      FN_CUDA_LAUNCH([&](cudaStream_t stream) { return layer_norm_fwd_cuda(p, stream); }));
+  if (!y.is_same(y_out)) y_out.copy_(y);
   return {y_out, sum, mean, rstd};
 }
 
@@ -335,24 +334,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd(
   p.w_dtype = to_dtype(w_type, op_name);
   p.r_dtype = to_dtype(r_type, op_name);
   p.s_dtype = to_dtype(s_type, op_name);
-  if (!add) {
-    run_on_device(
-        input, [&] { layer_norm_bwd_cpu(p); },
-        FN_CUDA_LAUNCH([&](cudaStream_t stream) {
-          at::Tensor workspace;
-          const cudaError_t err = cuda_workspace(input, layer_norm_bwd_cuda_workspace_bytes, p, &workspace);
-          return err != cudaSuccess ? err : layer_norm_bwd_cuda(p, stream);
-        }));
-    return {dx, dres, dweight, dbias};
-  }
   at::Tensor r, ds;  // (kept alive until the kernel ran)
-  if (add->residual) {
+  if (add && add->residual) {
     int64_t r_rs = 0;
     std::tie(r, r_rs) = as_rows(*add->residual, k, cols);
     p.residual = r.const_data_ptr();
     p.residual_row_stride = r_rs;
   }
-  if (add->grad_sum) {
+  if (add && add->grad_sum) {
     int64_t ds_rs = 0;
     std::tie(ds, ds_rs) = as_rows(*add->grad_sum, k, cols);
     p.dsum = ds.const_data_ptr();
@@ -362,8 +351,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd(
     p.dresidual = dres.mutable_data_ptr();
     p.dresidual_row_stride = cols;
   }
-  TORCH_CHECK_NOT_IMPLEMENTED(input.is_cpu(), kAddOpName, ": no kernels for ", input.device(), " tensors");
-  layer_norm_bwd_cpu(p);
+  run_on_device(
+      input, [&] { layer_norm_bwd_cpu(p); },
+      FN_CUDA_LAUNCH([&](cudaStream_t stream) {
+        at::Tensor workspace;
+        const cudaError_t err = cuda_workspace(input, layer_norm_bwd_cuda_workspace_bytes, p, &workspace);
+        return err != cudaSuccess ? err : layer_norm_bwd_cuda(p, stream);
+      }));
   return {dx, dres, dweight, dbias};
 }
 
@@ -458,6 +452,10 @@ TORCH_LIBRARY_IMPL(fused_norm, CUDA, m) {
   m.impl("layer_norm_bwd", &layer_norm_bwd);
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd);
+  m.impl("add_layer_norm_bwd", &add_layer_norm_bwd);
+  m.impl("add_rms_norm_fwd", &add_rms_norm_fwd);
+  m.impl("add_rms_norm_bwd", &add_rms_norm_bwd);
 }
 #endif
 

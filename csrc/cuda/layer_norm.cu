@@ -13,6 +13,9 @@
 // to 1024, fp64 256); backward fp32/fp16/bf16 8192, fp64 4096 (warp tier up to 512,
 // fp64 256). Scalar (VEC 1) rows: forward 4096 (warp tier 256), backward 2048 (128).
 //
+// Residual add: the kernels take the residual's type R and the sum's S as template
+// arguments (R = S = T without a residual); see dispatch_residual.
+//
 // Grids: the forward fills the GPU (rows are independent). The backward grid is a
 // function of rows, cols, the vector width, the SM count and whether dweight/dbias are
 // asked for only, so the partial dweight/dbias rows (one per block) are added in the
@@ -36,15 +39,17 @@ using ln_cuda::kReduceSlices;
 using ln_cuda::kStreamThreads;
 using ln_cuda::kWarpTierThreads;
 
-// 16-byte vectors of T when every row-strided pointer and its stride allow them and the
-// parameters (W) are aligned for their min(16, VEC * sizeof(W))-byte packs; else scalar.
+// VEC = 16-byte vectors of T when every row-strided pointer (16-byte aligned) and its
+// stride (a multiple of VEC) allow them, and the parameters (W) are aligned for their
+// min(16, VEC * sizeof(W))-byte packs; else scalar. Null pointers (absent rows) pass.
+// The rows of a residual add have T's size or more: their VEC elements are 16-byte packs.
 template <typename T, typename W>
 bool rows_vectorizable(std::initializer_list<std::pair<const void*, int64_t>> rows,
                        std::initializer_list<const void*> params) {
   constexpr int V = kMaxVec<T>;
   constexpr size_t wbytes = V * sizeof(W) < 16 ? V * sizeof(W) : 16;
   for (const auto& [ptr, stride] : rows)
-    if (!aligned(ptr, V * sizeof(T)) || stride % V != 0) return false;
+    if (ptr != nullptr && (!aligned(ptr, 16) || stride % V != 0)) return false;
   for (const void* ptr : params)
     if (!aligned(ptr, wbytes)) return false;
   return true;
@@ -134,23 +139,27 @@ cudaError_t dispatch_resident(const Plan& pl, Go&& go) {
 // ---------------------------------------------------------------------------------------
 // Forward.
 
-template <typename T, typename W, int VEC>
+template <typename T, typename W, typename R, typename S, int VEC>
 cudaError_t launch_fwd(const LayerNormFwdParams& p, const Plan& pl, cudaStream_t stream) {
   if (pl.tier == Tier::kStream) {
-    return launch(ln_cuda::ln_fwd_stream_kernel<T, W, VEC>, pl.grid, pl.threads, 0, stream, p);
+    return launch(ln_cuda::ln_fwd_stream_kernel<T, W, R, S, VEC>, pl.grid, pl.threads, 0, stream, p);
   }
   return dispatch_resident<nv_max<T, VEC, false>()>(pl, [&](auto nv, auto group) {
-    return launch(ln_cuda::ln_fwd_resident_kernel<T, W, VEC, decltype(nv)::value, decltype(group)::value>, pl.grid,
-                  pl.threads, 0, stream, p);
+    return launch(ln_cuda::ln_fwd_resident_kernel<T, W, R, S, VEC, decltype(nv)::value, decltype(group)::value>,
+                  pl.grid, pl.threads, 0, stream, p);
   });
 }
 
-template <typename T, typename W>
+template <typename T, typename W, typename R, typename S>
 cudaError_t run_fwd(const LayerNormFwdParams& p, int sms, cudaStream_t stream) {
-  const bool vec = rows_vectorizable<T, W>({{p.x, p.x_row_stride}, {p.y, p.y_row_stride}}, {p.weight, p.bias});
+  const bool vec = rows_vectorizable<T, W>({{p.x, p.x_row_stride},
+                                            {p.y, p.y_row_stride},
+                                            {p.residual, p.residual_row_stride},
+                                            {p.sum, p.sum_row_stride}},
+                                           {p.weight, p.bias});
   const Plan pl = vec ? make_plan(p.rows, p.cols, kMaxVec<T>, nv_max<T, kMaxVec<T>, false>(), false, sms)
                       : make_plan(p.rows, p.cols, 1, nv_max<T, 1, false>(), false, sms);
-  return vec ? launch_fwd<T, W, kMaxVec<T>>(p, pl, stream) : launch_fwd<T, W, 1>(p, pl, stream);
+  return vec ? launch_fwd<T, W, R, S, kMaxVec<T>>(p, pl, stream) : launch_fwd<T, W, R, S, 1>(p, pl, stream);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -171,8 +180,13 @@ struct BwdSetup {
 template <typename T, typename W>
 BwdSetup bwd_setup(const LayerNormBwdParams& p, int sms) {
   BwdSetup s{};
-  s.vec = rows_vectorizable<T, W>(
-      {{p.dy, p.dy_row_stride}, {p.x, p.x_row_stride}, {p.dx, p.dx_row_stride}}, {p.weight});
+  s.vec = rows_vectorizable<T, W>({{p.dy, p.dy_row_stride},
+                                   {p.x, p.x_row_stride},
+                                   {p.dx, p.dx_row_stride},
+                                   {p.residual, p.residual_row_stride},
+                                   {p.dsum, p.dsum_row_stride},
+                                   {p.dresidual, p.dresidual_row_stride}},
+                                  {p.weight});
   s.plan = s.vec ? make_plan(p.rows, p.cols, kMaxVec<T>, nv_max<T, kMaxVec<T>, true>(), true, sms)
                  : make_plan(p.rows, p.cols, 1, nv_max<T, 1, true>(), true, sms);
   s.ws_ld = ceil_div(p.cols, 4) * 4;
@@ -184,25 +198,25 @@ BwdSetup bwd_setup(const LayerNormBwdParams& p, int sms) {
   return s;
 }
 
-template <typename T, typename W, int VEC>
+template <typename T, typename W, typename R, typename S, int VEC>
 cudaError_t launch_bwd(const LayerNormBwdParams& p, const BwdSetup& s, acc_t<T>* ws,
                        cudaStream_t stream) {
   using A = acc_t<T>;
   const Plan& pl = s.plan;
   if (pl.tier == Tier::kStream) {
-    return launch(ln_cuda::ln_bwd_stream_kernel<T, W, VEC>, pl.grid, pl.threads, 0, stream, p, ws, s.ws_ld);
+    return launch(ln_cuda::ln_bwd_stream_kernel<T, W, R, S, VEC>, pl.grid, pl.threads, 0, stream, p, ws, s.ws_ld);
   }
   return dispatch_resident<nv_max<T, VEC, true>()>(pl, [&](auto nv, auto group) {
     constexpr int kGroup = decltype(group)::value;
     // Warp tier: the groups' partial sums meet in shared memory (at most
     // kWarpTierThreads * NV * VEC <= 128 * 16 values, 8 KiB).
     const size_t smem = kGroup > 0 && ws ? sizeof(A) * (kWarpTierThreads / kGroup) * p.cols : 0;
-    return launch(ln_cuda::ln_bwd_resident_kernel<T, W, VEC, decltype(nv)::value, kGroup>, pl.grid, pl.threads,
-                  smem, stream, p, ws, s.ws_ld);
+    return launch(ln_cuda::ln_bwd_resident_kernel<T, W, R, S, VEC, decltype(nv)::value, kGroup>, pl.grid,
+                  pl.threads, smem, stream, p, ws, s.ws_ld);
   });
 }
 
-template <typename T, typename W>
+template <typename T, typename W, typename R, typename S>
 cudaError_t run_bwd(const LayerNormBwdParams& p, int sms, cudaStream_t stream) {
   using A = acc_t<T>;
   const BwdSetup s = bwd_setup<T, W>(p, sms);
@@ -211,12 +225,35 @@ cudaError_t run_bwd(const LayerNormBwdParams& p, int sms, cudaStream_t stream) {
     if (p.workspace == nullptr) return cudaErrorInvalidValue;
     ws = reinterpret_cast<A*>((reinterpret_cast<uintptr_t>(p.workspace) + 15) & ~uintptr_t{15});
   }
-  cudaError_t err = s.vec ? launch_bwd<T, W, kMaxVec<T>>(p, s, ws, stream) : launch_bwd<T, W, 1>(p, s, ws, stream);
+  cudaError_t err =
+      s.vec ? launch_bwd<T, W, R, S, kMaxVec<T>>(p, s, ws, stream) : launch_bwd<T, W, R, S, 1>(p, s, ws, stream);
   if (err != cudaSuccess || ws == nullptr) return err;
   const dim3 block(kReduceCols, kReduceSlices);
   const auto blocks = static_cast<unsigned int>(ceil_div(p.cols, kReduceCols));
   return launch(ln_cuda::ln_bwd_param_reduce_kernel<A, W>, blocks, block, 0, stream, ws, s.plan.grid, p.cols,
                 s.ws_ld, static_cast<W*>(p.dweight), static_cast<W*>(p.dbias));
+}
+
+// Calls f(Tag<R>, Tag<S>) for the residual's and the sum's storage types of an x of type
+// T (params.h): both T (also without a residual), or float for half/bfloat16 x: R = S =
+// float, or R = T and S = float (residual_in_fp32).
+template <typename T, typename F>
+cudaError_t dispatch_residual(DType r, DType s, DType t, F&& f) {
+  if (r == t && s == t) return f(Tag<T>{}, Tag<T>{});
+  if constexpr (sizeof(T) == 2) {
+    if (r == DType::kFloat32 && s == DType::kFloat32) return f(Tag<float>{}, Tag<float>{});
+    if (r == t && s == DType::kFloat32) return f(Tag<T>{}, Tag<float>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Calls f(Tag<T>, Tag<W>, Tag<R>, Tag<S>) for p's dtypes.
+template <typename P, typename F>
+cudaError_t dispatch_all(const P& p, F&& f) {
+  return dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
+    return dispatch_residual<typename decltype(t)::type>(p.r_dtype, p.s_dtype, p.x_dtype,
+                                                         [&](auto r, auto s) { return f(t, w, r, s); });
+  });
 }
 
 size_t dtype_size(DType t) {
@@ -235,8 +272,9 @@ cudaError_t layer_norm_fwd_cuda(const LayerNormFwdParams& p, cudaStream_t stream
   int sms = 0;
   const cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
-  return dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
-    return run_fwd<typename decltype(t)::type, typename decltype(w)::type>(p, sms, stream);
+  return dispatch_all(p, [&](auto t, auto w, auto r, auto s) {
+    return run_fwd<typename decltype(t)::type, typename decltype(w)::type, typename decltype(r)::type,
+                   typename decltype(s)::type>(p, sms, stream);
   });
 }
 
@@ -269,8 +307,9 @@ cudaError_t layer_norm_bwd_cuda(const LayerNormBwdParams& p, cudaStream_t stream
   int sms = 0;
   const cudaError_t err = sm_count(&sms);
   if (err != cudaSuccess) return err;
-  return dispatch_dtypes(p.x_dtype, p.w_dtype, [&](auto t, auto w) {
-    return run_bwd<typename decltype(t)::type, typename decltype(w)::type>(p, sms, stream);
+  return dispatch_all(p, [&](auto t, auto w, auto r, auto s) {
+    return run_bwd<typename decltype(t)::type, typename decltype(w)::type, typename decltype(r)::type,
+                   typename decltype(s)::type>(p, sms, stream);
   });
 }
 

@@ -11,6 +11,15 @@
 //    exact moments of its vectors with Chan's formula, the block merges the threads'
 //    moments in a fixed order, and a second sweep re-reads x to write y.
 //
+// Residual add (add_layer_norm / add_rms_norm, params.h): the rows normalized are
+// s = x + residual, formed as the rows are read (Rows below) and rounded to the sum's
+// storage type S; the forward stores s (the new residual) in the same sweep that reads
+// it, unless it is not wanted (post-norm); the streaming tier forms s again in its second
+// sweep rather than reading back what it stored. The backward forms s the same way from
+// input and residual (post-norm) or reads the stored one, adds the new residual's
+// gradient to dx as it writes it, and writes that dx in the residual's dtype too when it
+// differs from the input's. Without a residual, R = S = T and x is read as it is.
+//
 // RMSNorm (p.rms, params.h) runs the same kernels: the resident tiers skip the mean (0)
 // and its reduction, the streaming tier takes mean(x^2) from the merged moments
 // (moments_rms_rstd); the weight gets p.weight_offset added, and the backward drops the
@@ -103,6 +112,48 @@ struct Vec<T, N, true> {
 };
 
 // ---------------------------------------------------------------------------------------
+// The rows a kernel normalizes: x itself, whose storage type is then S (T in the forward,
+// the stored sum's type in the backward), or, with a residual, x (T) + residual (R),
+// added in the accumulation type and rounded to S.
+template <typename T, typename R, typename S>
+struct Rows {
+  const void* x;
+  const R* res;  // null: no residual
+  int64_t x_rs;
+  int64_t r_rs;
+
+  // The VEC elements of row `row` from column c, as Vec::load_slot (n of them in the row).
+  template <int VEC>
+  FN_DEV void load_slot(Vec<S, VEC>& v, int64_t row, int64_t c, int n) const {
+    if (res == nullptr) {
+      v.load_slot(static_cast<const S*>(x) + row * x_rs + c, n);
+      return;
+    }
+    Vec<T, VEC> a;
+    Vec<R, VEC> b;
+    a.load_slot(static_cast<const T*>(x) + row * x_rs + c, n);
+    b.load_slot(res + row * r_rs + c, n);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v.put(j, a.get(j) + b.get(j));
+  }
+  // Whole vectors only.
+  template <int VEC>
+  FN_DEV void load(Vec<S, VEC>& v, int64_t row, int64_t c) const {
+    load_slot(v, row, c, VEC);
+  }
+  // One element, widened.
+  FN_DEV acc_t<S> at(int64_t row, int64_t c) const {
+    if (res == nullptr) return to_acc(static_cast<const S*>(x)[row * x_rs + c]);
+    return to_acc(from_acc<S>(to_acc(static_cast<const T*>(x)[row * x_rs + c]) + to_acc(res[row * r_rs + c])));
+  }
+};
+
+template <typename T, typename R, typename S, typename P>
+FN_DEV Rows<T, R, S> rows_of(const P& p) {
+  return Rows<T, R, S>{p.x, static_cast<const R*>(p.residual), p.x_row_stride, p.residual_row_stride};
+}
+
+// ---------------------------------------------------------------------------------------
 // Row reductions. Sums of N values over the threads sharing a row: a shuffle butterfly
 // inside an aligned group of GROUP lanes (GROUP <= 32), or over the block (GROUP == 0).
 // Every thread ends with the same bits: a butterfly partner adds the same two values
@@ -174,12 +225,13 @@ struct BlockMoments {
 // vectors lane, lane + gsize, ..., NV of them, as storage values. Warp tier: blocks of
 // kWarpTierThreads threads, 128/GROUP groups, each group a row. Block tier: one row per
 // block of blockDim.x (a multiple of 32) threads. Grid-stride over rows; the loop bound
-// is uniform over the block.
-template <typename T, typename W, int VEC, int NV, int GROUP>
+// is uniform over the block. The row is held as S values (the sum, with a residual).
+template <typename T, typename W, typename R, typename S, int VEC, int NV, int GROUP>
 __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxThreads, GROUP > 0 ? 4 : 1)
     ln_fwd_resident_kernel(const LayerNormFwdParams p) {
   using A = acc_t<T>;
-  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const Rows<T, R, S> src = rows_of<T, R, S>(p);
+  S* __restrict__ sum = static_cast<S*>(p.sum);
   const W* __restrict__ w = static_cast<const W*>(p.weight);
   const W* __restrict__ b = static_cast<const W*>(p.bias);
   T* __restrict__ y = static_cast<T*>(p.y);
@@ -197,12 +249,13 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
        base += static_cast<int64_t>(gridDim.x) * rows_per_block) {
     const int64_t row = base + group;
     const bool valid = row < p.rows;
-    const T* xr = x + (valid ? row : 0) * p.x_row_stride;
-    Vec<T, VEC> v[NV];
+    Vec<S, VEC> v[NV];
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
       const int c = (k * gsize + lane) * VEC;
-      v[k].load_slot(xr + c, valid ? cols - c : 0);
+      const int n = valid ? cols - c : 0;
+      src.load_slot(v[k], valid ? row : 0, c, n);
+      if (sum && n > 0) v[k].store_slot(sum + row * p.sum_row_stride + c, n);
     }
     A mean = A(0);
     if (!p.rms) {  // uniform over the block
@@ -255,12 +308,12 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
 // Forward, streaming tier: one row per block of kStreamThreads threads. Thread t owns the
 // vectors t, t + blockDim, ... (U1 in flight in the first sweep, U2 in the second, which
 // also loads the parameters); the last cols % VEC elements are done element-wise.
-template <typename T, typename W, int VEC>
+template <typename T, typename W, typename R, typename S, int VEC>
 __global__ void __launch_bounds__(kStreamThreads, 1) ln_fwd_stream_kernel(const LayerNormFwdParams p) {
   using A = acc_t<T>;
   constexpr int U1 = 4;
   constexpr int U2 = 2;
-  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const Rows<T, R, S> src = rows_of<T, R, S>(p);
   const W* __restrict__ w = static_cast<const W*>(p.weight);
   const W* __restrict__ b = static_cast<const W*>(p.bias);
   T* __restrict__ y = static_cast<T*>(p.y);
@@ -272,14 +325,18 @@ __global__ void __launch_bounds__(kStreamThreads, 1) ln_fwd_stream_kernel(const 
   BlockMoments<A> block_moments;
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
-    const T* xr = x + row * p.x_row_stride;
+    S* sumr = p.sum ? static_cast<S*>(p.sum) + row * p.sum_row_stride : nullptr;
     Moments<A> m = moments_empty<A>();
 #pragma unroll 1
     for (int64_t c0 = first; c0 < vec_end; c0 += U1 * step) {
-      Vec<T, VEC> v[U1];
+      Vec<S, VEC> v[U1];
 #pragma unroll
-      for (int u = 0; u < U1; ++u)
-        if (c0 + u * step < vec_end) v[u].load(xr + c0 + u * step);
+      for (int u = 0; u < U1; ++u) {
+        const int64_t c = c0 + u * step;
+        if (c >= vec_end) break;
+        src.load(v[u], row, c);
+        if (sumr) v[u].store(sumr + c);
+      }
 #pragma unroll
       for (int u = 0; u < U1; ++u) {
         if (c0 + u * step >= vec_end) break;
@@ -296,7 +353,11 @@ __global__ void __launch_bounds__(kStreamThreads, 1) ln_fwd_stream_kernel(const 
         m = moments_merge(m, Moments<A>{A(VEC), mu, q});
       }
     }
-    for (int64_t c = vec_end + threadIdx.x; c < cols; c += blockDim.x) moments_push(m, to_acc(xr[c]));
+    for (int64_t c = vec_end + threadIdx.x; c < cols; c += blockDim.x) {
+      const A s = src.at(row, c);
+      if (sumr) sumr[c] = from_acc<S>(s);
+      moments_push(m, s);
+    }
     m = block_moments.merge(m);
     const A mean = p.rms ? A(0) : m.mean;
     const A rstd = p.rms ? moments_rms_rstd(m, p.eps) : moments_rstd(m, p.eps);
@@ -305,16 +366,18 @@ __global__ void __launch_bounds__(kStreamThreads, 1) ln_fwd_stream_kernel(const 
       static_cast<A*>(p.rstd)[row] = rstd;
     }
 
+    // The rows again, from x (and the residual), which are read-only: reading back the
+    // stored sum in the same kernel would need loads that bypass the read-only cache.
     T* yr = y + row * p.y_row_stride;
 #pragma unroll 1
     for (int64_t c0 = first; c0 < vec_end; c0 += U2 * step) {
-      Vec<T, VEC> v[U2];
+      Vec<S, VEC> v[U2];
       Vec<W, VEC> wv[U2], bv[U2];
 #pragma unroll
       for (int u = 0; u < U2; ++u) {
         const int64_t c = c0 + u * step;
         if (c >= vec_end) break;
-        v[u].load(xr + c);
+        src.load(v[u], row, c);
         if (w) wv[u].load(w + c);
         if (b) bv[u].load(b + c);
       }
@@ -335,7 +398,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) ln_fwd_stream_kernel(const 
       }
     }
     for (int64_t c = vec_end + threadIdx.x; c < cols; c += blockDim.x) {
-      A t = (to_acc(xr[c]) - mean) * rstd;
+      A t = (src.at(row, c) - mean) * rstd;
       if (p.round_xhat) t = to_acc(from_acc<T>(t));
       if (w) t *= to_acc(w[c]) + woff;
       if (b) t += to_acc(b[c]);
@@ -352,11 +415,13 @@ __global__ void __launch_bounds__(kStreamThreads, 1) ln_fwd_stream_kernel(const 
 // rows into the workspace: ws[blockIdx.x] and ws[gridDim.x + blockIdx.x], rows of ws_ld
 // elements. In the warp tier the block's groups hold partial sums of the same columns;
 // they are added in group order through shared memory (rows_per_block * cols values).
-template <typename T, typename W, int VEC, int NV, int GROUP>
+template <typename T, typename W, typename R, typename S, int VEC, int NV, int GROUP>
 __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxThreads, GROUP > 0 ? 4 : 1)
     ln_bwd_resident_kernel(const LayerNormBwdParams p, acc_t<T>* __restrict__ ws, int64_t ws_ld) {
   using A = acc_t<T>;
-  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const Rows<T, R, S> src = rows_of<T, R, S>(p);
+  const S* __restrict__ dsum = static_cast<const S*>(p.dsum);
+  R* __restrict__ dres = static_cast<R*>(p.dresidual);
   const T* __restrict__ dy = static_cast<const T*>(p.dy);
   const W* __restrict__ w = static_cast<const W*>(p.weight);
   const A* __restrict__ mean_in = static_cast<const A*>(p.mean);
@@ -381,14 +446,14 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
        base += static_cast<int64_t>(gridDim.x) * rows_per_block) {
     const int64_t row = base + group;
     const bool valid = row < p.rows;
-    const T* xr = x + (valid ? row : 0) * p.x_row_stride;
     const T* dyr = dy + (valid ? row : 0) * p.dy_row_stride;
     // Invalid rows and columns past the row read x = dy = 0 and add nothing below.
-    Vec<T, VEC> xv[NV], dv[NV];
+    Vec<S, VEC> xv[NV];
+    Vec<T, VEC> dv[NV];
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
       const int c = (k * gsize + lane) * VEC;
-      xv[k].load_slot(xr + c, valid ? cols - c : 0);
+      src.load_slot(xv[k], valid ? row : 0, c, valid ? cols - c : 0);
       dv[k].load_slot(dyr + c, valid ? cols - c : 0);
     }
     const A mean = valid && mean_in ? mean_in[row] : A(0);
@@ -424,15 +489,22 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
       if (n <= 0) continue;
       Vec<W, VEC> wv;
       if (w) wv.load_slot(w + c, n);
+      Vec<S, VEC> dsv;
+      if (dsum) dsv.load_slot(dsum + row * p.dsum_row_stride + c, n);
       Vec<T, VEC> o;
+      Vec<R, VEC> ro;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         const A xh = (xv[k].get(j) - mean) * rstd;
         const A d = dv[k].get(j);
         const A g = w ? d * (wv.get(j) + woff) : d;
-        o.put(j, layer_norm_dx(g, xh, rstd, c1, c2));
+        A t = layer_norm_dx(g, xh, rstd, c1, c2);
+        if (dsum) t += dsv.get(j);
+        o.put(j, t);
+        if (dres) ro.put(j, t);
       }
       o.store_slot(dxr + c, n);
+      if (dres) ro.store_slot(dres + row * p.dresidual_row_stride + c, n);
     }
   }
   if (!partials) return;
@@ -480,13 +552,15 @@ __global__ void __launch_bounds__(GROUP > 0 ? kWarpTierThreads : kBlockTierMaxTh
 // the row sums, the second for dx). The block adds dy * xhat and dy into its own
 // workspace rows ws[blockIdx.x] and ws[gridDim.x + blockIdx.x] (stored by its first row,
 // read-modify-written by the next ones, each column always by the same thread).
-template <typename T, typename W, int VEC>
+template <typename T, typename W, typename R, typename S, int VEC>
 __global__ void __launch_bounds__(kStreamThreads, 1)
     ln_bwd_stream_kernel(const LayerNormBwdParams p, acc_t<T>* __restrict__ ws, int64_t ws_ld) {
   using A = acc_t<T>;
-  constexpr int U1 = 4;  // vectors in flight per thread, first sweep
+  // Vectors in flight per thread, first sweep: fewer for float rows of a 16-bit input
+  // (the residual forms), whose registers would spill at 4.
+  constexpr int U1 = sizeof(S) > sizeof(T) ? 2 : 4;
   constexpr int U2 = 1;  // second sweep, which also moves the partial rows (more spills)
-  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const Rows<T, R, S> src = rows_of<T, R, S>(p);
   const T* __restrict__ dy = static_cast<const T*>(p.dy);
   const W* __restrict__ w = static_cast<const W*>(p.weight);
   T* __restrict__ dx = static_cast<T*>(p.dx);
@@ -502,20 +576,22 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const bool first = row == blockIdx.x;
-    const T* xr = x + row * p.x_row_stride;
     const T* dyr = dy + row * p.dy_row_stride;
+    const S* dsr = p.dsum ? static_cast<const S*>(p.dsum) + row * p.dsum_row_stride : nullptr;
+    R* dresr = p.dresidual ? static_cast<R*>(p.dresidual) + row * p.dresidual_row_stride : nullptr;
     const A mean = p.mean ? static_cast<const A*>(p.mean)[row] : A(0);
     const A rstd = static_cast<const A*>(p.rstd)[row];
     A s[2] = {A(0), A(0)};  // sum(g), sum(g * xhat)
 #pragma unroll 1
     for (int64_t c0 = first_col; c0 < vec_end; c0 += U1 * step) {
-      Vec<T, VEC> xv[U1], dv[U1];
+      Vec<S, VEC> xv[U1];
+      Vec<T, VEC> dv[U1];
       Vec<W, VEC> wv[U1];
 #pragma unroll
       for (int u = 0; u < U1; ++u) {
         const int64_t c = c0 + u * step;
         if (c >= vec_end) break;
-        xv[u].load(xr + c);
+        src.load(xv[u], row, c);
         dv[u].load(dyr + c);
         if (w) wv[u].load(w + c);
       }
@@ -535,7 +611,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
       const A d = to_acc(dyr[c]);
       const A g = w ? d * (to_acc(w[c]) + woff) : d;
       s[0] += g;
-      s[1] += g * ((to_acc(xr[c]) - mean) * rstd);
+      s[1] += g * ((src.at(row, c) - mean) * rstd);
     }
     reduce.sum(s);
     const A c1 = s[1] * inv_cols;
@@ -544,16 +620,18 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
     T* dxr = dx + row * p.dx_row_stride;
 #pragma unroll 1
     for (int64_t c0 = first_col; c0 < vec_end; c0 += U2 * step) {
-      Vec<T, VEC> xv[U2], dv[U2];
+      Vec<S, VEC> xv[U2], dsv[U2];
+      Vec<T, VEC> dv[U2];
       Vec<W, VEC> wv[U2];
       Vec<A, VEC> pw[U2], pb[U2];
 #pragma unroll
       for (int u = 0; u < U2; ++u) {
         const int64_t c = c0 + u * step;
         if (c >= vec_end) break;
-        xv[u].load(xr + c);
+        src.load(xv[u], row, c);
         dv[u].load(dyr + c);
         if (w) wv[u].load(w + c);
+        if (dsr) dsv[u].load(dsr + c);
         if (ws && !first) {
           pw[u].load(ws_w + c);
           pb[u].load(ws_b + c);
@@ -564,16 +642,21 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
         const int64_t c = c0 + u * step;
         if (c >= vec_end) break;
         Vec<T, VEC> o;
+        Vec<R, VEC> ro;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const A xh = (xv[u].get(j) - mean) * rstd;
           const A d = dv[u].get(j);
           const A g = w ? d * (wv[u].get(j) + woff) : d;
-          o.put(j, layer_norm_dx(g, xh, rstd, c1, c2));
+          A t = layer_norm_dx(g, xh, rstd, c1, c2);
+          if (dsr) t += dsv[u].get(j);
+          o.put(j, t);
+          if (dresr) ro.put(j, t);
           pw[u].v[j] = first ? d * xh : pw[u].v[j] + d * xh;
           pb[u].v[j] = first ? d : pb[u].v[j] + d;
         }
         o.store(dxr + c);
+        if (dresr) ro.store(dresr + c);
         if (ws) {
           pw[u].store(ws_w + c);
           pb[u].store(ws_b + c);
@@ -581,10 +664,13 @@ __global__ void __launch_bounds__(kStreamThreads, 1)
       }
     }
     for (int64_t c = vec_end + threadIdx.x; c < cols; c += blockDim.x) {
-      const A xh = (to_acc(xr[c]) - mean) * rstd;
+      const A xh = (src.at(row, c) - mean) * rstd;
       const A d = to_acc(dyr[c]);
       const A g = w ? d * (to_acc(w[c]) + woff) : d;
-      dxr[c] = from_acc<T>(layer_norm_dx(g, xh, rstd, c1, c2));
+      A t = layer_norm_dx(g, xh, rstd, c1, c2);
+      if (dsr) t += to_acc(dsr[c]);
+      dxr[c] = from_acc<T>(t);
+      if (dresr) dresr[c] = from_acc<R>(t);
       if (ws) {
         ws_w[c] = first ? d * xh : ws_w[c] + d * xh;
         ws_b[c] = first ? d : ws_b[c] + d;
