@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from ._ops import _acc_dtype, ops
+from ._ops import AddLayerNormFunction, AddRMSNormFunction, _acc_dtype, functorch_active, ops
 
 
 def _raise_type_error(fn, args):
@@ -58,8 +58,8 @@ def layer_norm(
 
 def _add_layer_norm(fn, input, residual, normalized_shape, weight, bias, eps, residual_in_fp32, store_sum):
     try:
-        return ops.add_layer_norm_fwd(input, residual, list(normalized_shape), weight, bias, eps, residual_in_fp32,
-                                      store_sum)
+        args = (input, residual, list(normalized_shape), weight, bias, eps, residual_in_fp32, store_sum)
+        return AddLayerNormFunction.apply(*args) if functorch_active() else ops.add_layer_norm_fwd(*args)
     except (RuntimeError, TypeError):
         _raise_type_error(fn, (("input", input, "Tensor"), ("residual", residual, "Tensor"),
                                ("normalized_shape", normalized_shape, "ints"), ("weight", weight, "Tensor?"),
@@ -164,8 +164,9 @@ def _add_rms_norm(fn, input, residual, normalized_shape, weight, eps, residual_i
         if eps is None:  # torch's rms_norm of the sum: the machine epsilon of the sum's dtype
             eps = torch.finfo(torch.float32 if residual_in_fp32 else torch.promote_types(input.dtype,
                                                                                          residual.dtype)).eps
-        return ops.add_rms_norm_fwd(input, residual, list(normalized_shape), _rms_weight(input, weight), eps, 0.0,
-                                    round_xhat, residual_in_fp32, store_sum)
+        args = (input, residual, list(normalized_shape), _rms_weight(input, weight), eps, 0.0, round_xhat,
+                residual_in_fp32, store_sum)
+        return AddRMSNormFunction.apply(*args) if functorch_active() else ops.add_rms_norm_fwd(*args)
     except (RuntimeError, TypeError, AttributeError):
         _raise_type_error(fn, (("input", input, "Tensor"), ("residual", residual, "Tensor"),
                                ("normalized_shape", normalized_shape, "ints"), ("weight", weight, "Tensor?"),
