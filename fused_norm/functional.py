@@ -126,11 +126,12 @@ def _rms_weight(input: torch.Tensor, weight: Optional[torch.Tensor]) -> Optional
     float32. torch's rms_norm accepts any floating weight (it multiplies the float32, or
     float64, normalized input by it and rounds to input's dtype): other dtypes are cast to
     the input's accumulation dtype, which is exact for a narrower weight; a float64
-    weight of a float32/16-bit input is rounded to float32 first."""
+    weight of a float32/16-bit input is rounded to float32 first. TorchScript compiles it
+    (the add-RMSNorm modules' scripted forward)."""
     if weight is None or weight.dtype == input.dtype or not weight.is_floating_point() \
             or not input.is_floating_point():
         return weight
-    if weight.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16):
+    if weight.dtype == torch.float32 and (input.dtype == torch.float16 or input.dtype == torch.bfloat16):
         return weight
     return weight.to(_acc_dtype(input.dtype))
 

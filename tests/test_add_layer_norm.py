@@ -1,6 +1,8 @@
 """fused_norm.add_layer_norm / add_layer_norm_post (and their modules) against torch's
 unfused composition: the sum `input + residual`, then F.layer_norm."""
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -500,3 +502,78 @@ def test_vmap_of_vjp(kind, no_vmap_fallback):
         assert calls.n == (1 if fused else 0)
     for what, a, b in zip(("input", "residual", "weight", "bias"), *results):
         torch.testing.assert_close(a, b, msg=lambda m: f"{what}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# TorchScript: the four add-norm modules, alone and in a model, give eager's results.
+
+
+class _AddNormBlock(nn.Module):
+    """Two pre-norm blocks and a post-norm one, as a transformer stacks them."""
+
+    def __init__(self, d, rms, residual_in_fp32=False):
+        super().__init__()
+        pre, post = ((fused_norm.FusedAddRMSNorm, fused_norm.FusedPostAddRMSNorm) if rms else
+                     (fused_norm.FusedAddLayerNorm, fused_norm.FusedPostAddLayerNorm))
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.norm1 = pre(d, residual_in_fp32=residual_in_fp32)
+        self.norm2 = pre(d, eps=1e-3, residual_in_fp32=residual_in_fp32)
+        self.post = post(d)
+
+    def forward(self, h: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+        y, res = self.norm1(self.fc1(h), res)
+        y, res = self.norm2(self.fc2(y), res)
+        return self.post(y, res.to(y.dtype))
+
+
+@pytest.mark.parametrize("dtype,rdtype,fp32", [(torch.float32, torch.float32, False),
+                                               (torch.bfloat16, torch.float32, False),
+                                               (torch.bfloat16, torch.bfloat16, True)],
+                         ids=["fp32", "bf16+fp32res", "bf16-res32"])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_torchscript(rms, dtype, rdtype, fp32):
+    """torch.jit.script of each add-norm module (eps=None RMSNorm: the sum's machine
+    epsilon) and of a model holding them: the scripted forward calls the fused op, gives
+    eager's outputs bit for bit and the same gradients, and survives jit save/load."""
+    torch.manual_seed(0)
+    d = 32
+    x, r = torch.randn(3, 5, d).to(dtype), torch.randn(3, 5, d).to(rdtype)
+    classes = ((fused_norm.FusedAddRMSNorm, fused_norm.FusedPostAddRMSNorm) if rms else
+               (fused_norm.FusedAddLayerNorm, fused_norm.FusedPostAddLayerNorm))
+    for cls in classes:
+        kwargs = {"residual_in_fp32": fp32} if cls in (fused_norm.FusedAddRMSNorm, fused_norm.FusedAddLayerNorm) else {}
+        m = cls(d, **kwargs)
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5)
+            if not rms:
+                m.bias.uniform_(-0.5, 0.5)
+        scripted = torch.jit.script(m)
+        with count_fused_calls() as calls:
+            got = scripted(x, r)
+        assert calls.n == 1
+        expected = m(x, r)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple)
+                        else (expected,)):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    model = _AddNormBlock(d, rms, fp32)
+    if dtype != torch.float32:
+        model.fc1.to(dtype), model.fc2.to(dtype)
+    scripted = torch.jit.script(model)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    outs = []
+    for m in (model, scripted, loaded):
+        m.zero_grad()
+        h, res = x.clone().requires_grad_(), r.clone().requires_grad_()
+        with count_fused_calls() as calls:
+            y = m(h, res)
+            y.float().square().sum().backward()
+        assert calls.n == 6  # three add-norms, forward and backward
+        outs.append([y, h.grad, res.grad] + [p.grad for p in m.parameters()])
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
