@@ -127,8 +127,21 @@ def _hf_fused_class(module):
     return _HF_FUSED[cls]
 
 
-class _hf_classes:
-    """Namespace of the generated subclasses (see _hf_fused_class)."""
+class _HFClassesNamespace(type):
+    def __getattr__(cls, name):
+        # A fused add-norm class (fuse_add_norm) this process has not made yet, looked up
+        # by unpickling a model converted in another one: made now (it depends only on the
+        # layer class), so the model loads wherever transformers imports.
+        if name.startswith(_ADD_NORM_PREFIX):
+            _known_add_norm_classes()
+            if name in vars(cls):
+                return vars(cls)[name]
+        raise AttributeError(f"type object '_hf_classes' has no attribute '{name}'")
+
+
+class _hf_classes(metaclass=_HFClassesNamespace):
+    """Namespace of the generated subclasses (see _hf_fused_class and
+    _known_add_norm_classes): they pickle by their qualified name in it."""
 
 
 def _rms_candidate(module):
@@ -262,14 +275,20 @@ def _known_add_norm_classes():
                              (modeling_bert.BertOutput, _bert_add_norm_forward, _bert_layer_ok),
                              (modeling_llama.LlamaDecoderLayer, _llama_decoder_forward, _llama_layer_ok)):
         if cls not in _FUSED_ADD_NORM:
-            _FUSED_ADD_NORM[cls] = type(f"FusedAddNorm{cls.__name__}", (cls,), {
-                "forward": forward, "__module__": __name__,
+            name = _ADD_NORM_PREFIX + cls.__name__
+            fused = type(name, (cls,), {
+                "forward": forward, "__module__": __name__, "__qualname__": f"_hf_classes.{name}",
                 "__doc__": f"{cls.__name__} whose residual add runs fused into its norm (fuse_add_norm)."})
+            # reachable by its qualified name, so that converted models pickle (copy.deepcopy,
+            # pickle, torch.save of the whole model); the layer classes' names are distinct
+            setattr(_hf_classes, name, fused)
+            _FUSED_ADD_NORM[cls] = fused
         known[cls] = (_FUSED_ADD_NORM[cls], ok)
     return known
 
 
 _FUSED_ADD_NORM = {}  # the classes made so far: one per layer class, so instances share it
+_ADD_NORM_PREFIX = "FusedAddNorm"
 
 
 def fuse_add_norm(model: nn.Module) -> nn.Module:

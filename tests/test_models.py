@@ -6,7 +6,12 @@ unconverted model: training steps, eval, torch.compile and CPU autocast."""
 import contextlib
 import copy
 import functools
+import io
 import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -345,10 +350,7 @@ def test_fuse_add_norm_leaves_others_alone():
     assert type(model.bert.embeddings.LayerNorm) is nn.LayerNorm
 
 
-def test_llama_fused_add_norm_matches_unconverted():
-    """fuse_add_norm on a Llama decoder (pre-norm RMSNorm: the residual after the attention
-    and post_attention_layernorm fused into add_rms_norm): 3 SGD steps give the unconverted
-    model's logits, loss, gradients and parameters."""
+def _llama():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
@@ -357,12 +359,79 @@ def test_llama_fused_add_norm_matches_unconverted():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.rand(p.shape) * 0.2)
-    converted = fused_norm.fuse_add_norm(copy.deepcopy(model))
-    assert [type(m).__name__ for m in converted.model.layers] == ["FusedAddNormLlamaDecoderLayer"] * 2
-    assert converted.state_dict().keys() == model.state_dict().keys()
 
     def make_inputs(step):
         ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(step))
         return dict(input_ids=ids, labels=ids)
 
+    return model, make_inputs
+
+
+def test_llama_fused_add_norm_matches_unconverted():
+    """fuse_add_norm on a Llama decoder (pre-norm RMSNorm: the residual after the attention
+    and post_attention_layernorm fused into add_rms_norm): 3 SGD steps give the unconverted
+    model's logits, loss, gradients and parameters."""
+    model, make_inputs = _llama()
+    converted = fused_norm.fuse_add_norm(copy.deepcopy(model))
+    assert [type(m).__name__ for m in converted.model.layers] == ["FusedAddNormLlamaDecoderLayer"] * 2
+    assert converted.state_dict().keys() == model.state_dict().keys()
     _sgd_steps_match(model, converted, make_inputs, fused_calls=2 * 2)  # one add+norm per layer, both ways
+
+
+def _fused_add_norm_model(name):
+    """A BERT (fuse_add_norm and convert_model: 5 fused norms) or Llama (fuse_add_norm: 2)
+    converted, in eval mode, with its inputs and its fused op calls per forward."""
+    if name == "bert":
+        model, make_inputs = _bert()
+        return fused_norm.convert_model(fused_norm.fuse_add_norm(model)).eval(), make_inputs(0), 5
+    model, make_inputs = _llama()
+    return fused_norm.fuse_add_norm(model).eval(), make_inputs(0), 2
+
+
+def _save_load(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_fused_add_norm_model_copies_pickles_and_saves(name):
+    """A model converted by fuse_add_norm (its layers instances of classes made at run
+    time) survives copy.deepcopy, pickle and torch.save/torch.load of the whole model: the
+    copies have the same classes, run the fused ops as often and give the same outputs."""
+    model, inputs, fused_calls = _fused_add_norm_model(name)
+    with torch.no_grad(), count_fused_calls() as calls:
+        expected = model(**inputs).logits
+    assert calls.n == fused_calls
+    for how, clone in (("deepcopy", copy.deepcopy), ("pickle", lambda m: pickle.loads(pickle.dumps(m))),
+                       ("torch.save", _save_load)):
+        other = clone(model)
+        assert other is not model and [type(m) for m in other.modules()] == [type(m) for m in model.modules()], how
+        with torch.no_grad(), count_fused_calls() as calls:
+            got = other(**inputs).logits
+        assert calls.n == fused_calls, how
+        assert torch.equal(got, expected), how
+
+
+def test_fused_add_norm_model_loads_in_a_new_process(tmp_path):
+    """torch.load of a saved fuse_add_norm model in a process that never converted one
+    (the fused classes are made on lookup) gives the same outputs."""
+    model, inputs, fused_calls = _fused_add_norm_model("llama")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    path = tmp_path / "model.pt"
+    torch.save({"model": model, "inputs": inputs, "expected": expected}, path)
+    script = (
+        "import sys, torch, fused_norm\n"
+        "saved = torch.load(sys.argv[1], weights_only=False)\n"
+        "layers = saved['model'].model.layers\n"
+        "assert all(type(m).__name__ == 'FusedAddNormLlamaDecoderLayer' for m in layers), [type(m) for m in layers]\n"
+        "with torch.no_grad():\n"
+        "    got = saved['model'](**saved['inputs']).logits\n"
+        "assert torch.equal(got, saved['expected'])\n")
+    root = Path(fused_norm.__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
