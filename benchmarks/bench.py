@@ -152,7 +152,7 @@ def make_inputs(case: cases.Case, device: torch.device) -> impls.Inputs:
 def build_call(impl: impls.Impl, case: cases.Case, inputs: impls.Inputs):
     """The function timed for one implementation: the forward under no_grad, the backward of one
     stored forward (autograd.grad with retain_graph), or forward then backward."""
-    fwd, params = impl.forward(case.shape.norm, inputs, case.op.training)
+    fwd, params = impl.forward(case.op.norm, inputs, case.op.training)  # (an RMSNorm op runs on LayerNorm shapes)
     x, dy = inputs.x, inputs.dy
     if case.op.direction == "fwd":
         def forward():
@@ -217,7 +217,7 @@ class Runner:
         return self._unavailable[key]
 
     def skip_reason(self, impl: impls.Impl, case: cases.Case) -> str | None:
-        reason = self.unavailable(impl, case.shape.norm)
+        reason = self.unavailable(impl, case.op.norm)
         if reason:
             return reason
         if (impl.name == "compile" and self.device.type == "cpu" and not self.args.compile_all
