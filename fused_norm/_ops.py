@@ -105,10 +105,11 @@ def _backward_of(math):
 # torch.func (grad, vjp, jacrev, vmap of them: per-sample gradients) refuses the
 # autograd.Function that torch.library.register_autograd makes (it has no separate
 # setup_context), and it must meet an autograd.Function before the dispatcher: not as an
-# op's Autograd kernel. So the functional forms call the add-norm forward ops through
-# _functorch_function's class while a torch.func transform is active, and the op itself
-# otherwise. Its forward is the op (under vmap: the op's batching rule, on the whole
-# batch), its setup_context and backward those registered for the op.
+# op's Autograd kernel. So while a torch.func transform is active the functional forms
+# call the add-norm forward ops, and their backward the backward ops, through classes made
+# by _functorch_function, and the ops themselves otherwise (the ops called directly do not
+# support torch.func.grad). Such a class's forward is the op (under vmap: the op's batching
+# rule, on the whole batch), its setup_context and backward those registered for the op.
 
 
 def functorch_active() -> bool:

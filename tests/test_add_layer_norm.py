@@ -467,6 +467,21 @@ def test_per_sample_gradients(kind, dtype, no_vmap_fallback):
 
 
 @pytest.mark.parametrize("kind", ADD_FNS)
+def test_torch_func_grad_of_grad(kind):
+    """torch.func.grad twice (the backward ops differentiated under torch.func too)."""
+    x, r, W, B = (t[0] for t in _vmap_args(torch.float64))
+
+    def second(f):
+        first = torch.func.grad(_loss(f), argnums=(2, 3))
+        return torch.func.grad(lambda w, b, x, r: sum(g.square().sum() for g in first(w, b, x, r)),
+                               argnums=(0, 1, 2, 3))(W, B, x, r)
+
+    for what, a, b in zip(("weight", "bias", "input", "residual"), second(_add_fn(kind, True)),
+                          second(_add_fn(kind, False))):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("kind", ADD_FNS)
 def test_vmap_mixed_precision_residual(kind, no_vmap_fallback):
     """bfloat16 input with a float32 residual (the sum and its gradient in float32, a
     separate residual gradient) and float32 parameters: the batched kernels give what
