@@ -8,7 +8,7 @@
 
 Measures LayerNorm forward / backward / forward+backward and BatchNorm training forward,
 training forward+backward and eval forward over shape sweeps (cases.py), next to torch eager,
-torch.compile and, where importable, apex, Liger-Kernel and QuACK (impls.py). Reports the
+torch.compile and, where importable, apex, Liger-Kernel, QuACK and (add + norm) flash-attn (impls.py). Reports the
 median time, GB/s over the bytes each case must move, % of the device's peak bandwidth (GPU),
 % of a same-size copy measured in the same run, and the speedup over each peer; on CPU also
 the speedup targets over torch eager. Writes results.md (the run's conditions first), results.json
@@ -152,7 +152,7 @@ def make_inputs(case: cases.Case, device: torch.device) -> impls.Inputs:
 def build_call(impl: impls.Impl, case: cases.Case, inputs: impls.Inputs):
     """The function timed for one implementation: the forward under no_grad, the backward of one
     stored forward (autograd.grad with retain_graph), or forward then backward."""
-    fwd, params = impl.forward(case.shape.norm, inputs, case.op.training)
+    fwd, params = impl.forward(case.op.norm, inputs, case.op.training)  # (an RMSNorm op runs on LayerNorm shapes)
     x, dy = inputs.x, inputs.dy
     if case.op.direction == "fwd":
         def forward():
@@ -210,14 +210,14 @@ class Runner:
         self.impls = [impls.OURS()] + [impls.PEERS[name]() for name in args.peers]
         self._unavailable = {}
 
-    def unavailable(self, impl: impls.Impl, norm: str) -> str | None:
-        key = (impl.name, norm)
+    def unavailable(self, impl: impls.Impl, op: cases.Op) -> str | None:
+        key = (impl.name, op.norm, op.residual is not None, op.rms)
         if key not in self._unavailable:
-            self._unavailable[key] = impl.unavailable(norm, self.device.type)
+            self._unavailable[key] = impl.unavailable_op(op, self.device.type)
         return self._unavailable[key]
 
     def skip_reason(self, impl: impls.Impl, case: cases.Case) -> str | None:
-        reason = self.unavailable(impl, case.shape.norm)
+        reason = self.unavailable(impl, case.op)
         if reason:
             return reason
         if (impl.name == "compile" and self.device.type == "cpu" and not self.args.compile_all
@@ -286,14 +286,14 @@ class Runner:
             rec["verdict"] = "met" if rec["speedup"]["torch"] >= rec["target"] else "MISSED"
 
     def notes(self, ops: list) -> list:
-        norms = sorted({op.norm for op in ops})
         notes = []
         for impl in self.impls:
-            reasons = {self.unavailable(impl, n) for n in norms} - {None}
-            if len(reasons) == len(norms):
-                notes.append(f"{impl.label}: not measured ({'; '.join(sorted(reasons))}).")
+            why = [self.unavailable(impl, op) for op in ops]
+            reasons = sorted(set(filter(None, why)))
+            if why and all(why):
+                notes.append(f"{impl.label}: not measured ({'; '.join(reasons)}).")
             else:
-                notes += [f"{impl.label}: {r}; skipped there." for r in sorted(reasons)]
+                notes += [f"{impl.label}: {r}; skipped there." for r in reasons]
                 if impl.note:
                     notes.append(impl.note)
         compiled = [s.name for s in self.args.sweeps if s.cpu_compile]
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     requested = [cases.OPS[name] for name in args.ops]
     runner = Runner(args, env)
     notes = runner.notes(requested) + report.optional_modules_note()
-    ops = [op for op in requested if not runner.unavailable(runner.impls[0], op.norm)]  # fused_norm can run
+    ops = [op for op in requested if not runner.unavailable(runner.impls[0], op)]  # fused_norm can run
     all_cases = cases.make_cases(args.sweeps, ops, args.dtypes)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -346,7 +346,8 @@ def main(argv=None) -> int:
         "bytes_counted": cases.BYTES_NOTE,
         "ops": {op.name: op.description for op in requested},
         "implementations": {impl.name: {"label": impl.label, "version": impl.version(),
-                                        "unavailable": {n: runner.unavailable(impl, n) for n in ("ln", "bn")}}
+                                        "unavailable": {n: impl.unavailable(n, args.device.type)
+                                                        for n in ("ln", "bn")}}
                             for impl in runner.impls},
         "sweeps": {s.name: {"description": s.description, "x_label": s.x_label,
                             "shapes": [s_.text for s_ in s.shapes]} for s in args.sweeps},

@@ -1,8 +1,9 @@
 """The implementations compared: fused_norm and its peers.
 
 Each one turns a case's inputs into a forward function ``fn(x) -> y`` plus the parameters
-that get gradients; bench.py wraps that for the direction measured. ``unavailable(norm,
-device_type)`` says why an implementation cannot run (not installed, CUDA only, no BatchNorm)."""
+that get gradients; bench.py wraps that for the direction measured. ``unavailable_op(op,
+device_type)`` says why an implementation cannot run an op (not installed, CUDA only, no BatchNorm,
+no residual add + norm)."""
 
 from __future__ import annotations
 
@@ -50,24 +51,51 @@ def _module_with(module, inputs: Inputs, names=("weight", "bias")):
     return module
 
 
+def _import_failure(spec: str) -> str | None:
+    """Why "module" or "module:attribute" does not import (None: it does)."""
+    module, _, attr = spec.partition(":")
+    try:
+        imported = importlib.import_module(module)
+        if attr:
+            getattr(imported, attr)
+    except Exception as e:  # noqa: BLE001 -- any import failure means "missing"
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _norm_name(norm: str) -> str:
+    return dict(ln="LayerNorm", rms="RMSNorm", bn="BatchNorm")[norm]
+
+
 class Impl:
     name = ""
     label = ""
     package = None  # distribution name, for the version in the environment record
     modules = {}  # norm -> module that must import
+    add_modules = {}  # residual add + norm ("ln" or "rms") -> "module" or "module:attribute" that must import
     cuda_only = False
     note = ""  # printed under the results when this implementation is measured
 
     def unavailable(self, norm: str, device_type: str) -> str | None:
         if norm not in self.modules:
-            return f"{self.label} has no {dict(ln='LayerNorm', rms='RMSNorm', bn='BatchNorm')[norm]}"
+            return f"{self.label} has no {_norm_name(norm)}"
         if self.cuda_only and device_type != "cuda":
             return f"{self.label} is CUDA only"
-        try:
-            importlib.import_module(self.modules[norm])
-        except Exception as e:  # noqa: BLE001 -- any import failure means "missing"
-            return f"{self.label} not importable ({type(e).__name__}: {e})"
-        return None
+        failure = _import_failure(self.modules[norm])
+        return f"{self.label} not importable ({failure})" if failure else None
+
+    def unavailable_op(self, op, device_type: str) -> str | None:
+        """Why this implementation cannot run op (a cases.Op), or None: unavailable(op.norm) for a plain
+        norm; for a residual add + norm, whether add_modules has (an importable module for) it."""
+        if not op.residual:
+            return self.unavailable(op.norm, device_type)
+        kind = "rms" if op.rms else "ln"
+        if kind not in self.add_modules:
+            return f"{self.label} has no residual add + {_norm_name(kind)}"
+        if self.cuda_only and device_type != "cuda":
+            return f"{self.label} is CUDA only"
+        failure = _import_failure(self.add_modules[kind])
+        return f"{self.label} not importable ({failure})" if failure else None
 
     def version(self) -> str | None:
         try:
@@ -102,6 +130,9 @@ class Impl:
 
 class FusedNorm(Impl):
     name = label = package = "fused_norm"
+
+    def unavailable_op(self, op, device_type):
+        return self.unavailable(op.norm, device_type)
 
     def unavailable(self, norm, device_type):
         if norm == "bn" and not hasattr(fused_norm, "batch_norm"):
@@ -152,6 +183,7 @@ def _bn_ref(x, running_mean, running_var, weight, bias, training, momentum, eps)
 class TorchEager(Impl):
     name, label, package = "torch", "torch eager", "torch"
     modules = {"ln": "torch", "rms": "torch", "bn": "torch"}
+    add_modules = {"ln": "torch", "rms": "torch"}
     note = ("torch eager: torch.nn.functional.layer_norm / rms_norm / batch_norm (native kernels, cuDNN where torch "
             "picks it).")
 
@@ -176,6 +208,7 @@ class TorchCompile(Impl):
     direction and mode) and no guard list grows over the run."""
     name, label, package = "compile", "torch.compile", "torch"
     modules = {"ln": "torch._inductor", "rms": "torch._inductor", "bn": "torch._inductor"}
+    add_modules = {"ln": "torch._inductor", "rms": "torch._inductor"}
     note = ("torch.compile: Inductor-compiled torch.nn.functional reference (dynamic=False), compile time "
             "excluded (first calls are warm-up).")
 
@@ -251,8 +284,11 @@ class Apex(Impl):
 class Liger(Impl):
     name, label, package = "liger", "Liger-Kernel", "liger-kernel"
     modules = {"ln": "liger_kernel.transformers", "rms": "liger_kernel.transformers"}
+    add_modules = {"rms": "liger_kernel.transformers:LigerFusedAddRMSNorm"}
     cuda_only = True
-    note = "Liger-Kernel: liger_kernel.transformers.LigerLayerNorm (Triton)."
+    note = ("Liger-Kernel: liger_kernel.transformers.LigerLayerNorm / LigerRMSNorm (Triton); residual add + RMSNorm: "
+            "LigerFusedAddRMSNorm (casting_mode 'llama', in_place=False), which writes the sum for post-norm too "
+            "(its backward reads it).")
 
     def layer_norm(self, t):
         from liger_kernel.transformers import LigerLayerNorm
@@ -263,6 +299,19 @@ class Liger(Impl):
         from liger_kernel.transformers import LigerRMSNorm
         m = _module_with(LigerRMSNorm(t.normalized_shape[-1], eps=t.eps), t, ("weight",))
         return m, [m.weight]
+
+    def add_layer_norm(self, t):
+        if not t.rms:
+            return super().add_layer_norm(t)
+        from liger_kernel.transformers import LigerFusedAddRMSNorm
+        # in_place=False: the default of Liger's functional form (True) writes dx into dy, which the
+        # benchmark reuses
+        m = _module_with(LigerFusedAddRMSNorm(t.normalized_shape[-1], eps=t.eps, in_place=False), t, ("weight",))
+
+        def fn(x):
+            y, s = m(x, t.residual)  # (output, new residual)
+            return (y, s) if t.pre_norm else y
+        return fn, [t.residual, m.weight]
 
 
 class Quack(Impl):
@@ -283,5 +332,27 @@ class Quack(Impl):
         return (lambda x: rmsnorm(x, w, eps=t.eps)), [w]
 
 
-PEERS = {impl.name: impl for impl in (TorchEager, TorchCompile, Apex, Liger, Quack)}
+class FlashAttn(Impl):
+    """flash-attention's Triton residual add + LayerNorm / RMSNorm, on the add-norm cases only."""
+    name, label, package = "flash_attn", "flash-attn", "flash-attn"
+    add_modules = {"ln": "flash_attn.ops.triton.layer_norm:layer_norm_fn",
+                   "rms": "flash_attn.ops.triton.layer_norm:layer_norm_fn"}
+    cuda_only = True
+    note = ("flash-attn: flash_attn.ops.triton.layer_norm.layer_norm_fn (Triton) with residual, prenorm and "
+            "is_rms_norm; it writes the sum for post-norm too (its backward reads it).")
+
+    def unavailable(self, norm, device_type):
+        return f"{self.label} is measured on the residual add + norm cases only"
+
+    def add_layer_norm(self, t):
+        from flash_attn.ops.triton.layer_norm import layer_norm_fn
+        bias = None if t.rms else t.bias
+
+        def fn(x):  # (output, new residual) for pre-norm, output for post-norm
+            return layer_norm_fn(x, t.weight, bias, residual=t.residual, eps=t.eps, prenorm=t.pre_norm,
+                                 residual_in_fp32=False, is_rms_norm=t.rms)
+        return fn, [t.residual, t.weight] + ([] if t.rms else [t.bias])
+
+
+PEERS = {impl.name: impl for impl in (TorchEager, TorchCompile, Apex, Liger, Quack, FlashAttn)}
 OURS = FusedNorm

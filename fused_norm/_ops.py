@@ -102,6 +102,28 @@ def _backward_of(math):
     return backward
 
 
+# torch.func (grad, vjp, jacrev, vmap of them: per-sample gradients) refuses the
+# autograd.Function that torch.library.register_autograd makes (it has no separate
+# setup_context), and it must meet an autograd.Function before the dispatcher: not as an
+# op's Autograd kernel. So while a torch.func transform is active the functional forms
+# call the add-norm forward ops, and their backward the backward ops, through classes made
+# by _functorch_function, and the ops themselves otherwise (the ops called directly do not
+# support torch.func.grad). Such a class's forward is the op (under vmap: the op's batching
+# rule, on the whole batch), its setup_context and backward those registered for the op.
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform is active (never, to torch.compile's tracing)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _functorch_function(name, backward, setup_context):
+    op = getattr(ops, name).default
+    return type(f"_{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(lambda *args: op(*args)), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward), "generate_vmap_rule": True})
+
+
 # ---------------------------------------------------------------------------------------
 # LayerNorm
 # ---------------------------------------------------------------------------------------
@@ -240,8 +262,9 @@ def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
     x_dtype, sum_dtype, r_dtype = ctx.dtypes
     if dy is None:  # only the sum reached the loss
         dy = torch.zeros(x.shape, dtype=x_dtype, device=x.device)
-    dx, dres, dw, db = ops.add_layer_norm_bwd(dy, ds if ctx.store_sum else None, x, res, ctx.normalized_shape, mean,
-                                              rstd, weight, bias, sum_dtype, r_dtype)
+    bwd = AddLayerNormBwdFunction.apply if functorch_active() else ops.add_layer_norm_bwd
+    dx, dres, dw, db = bwd(dy, ds if ctx.store_sum else None, x, res, ctx.normalized_shape, mean, rstd, weight, bias,
+                           sum_dtype, r_dtype)
     need = ctx.needs_input_grad
     return (dx if need[0] else None, (dx if r_dtype == x_dtype else dres) if need[1] else None, None,
             dw if weight is not None and need[3] else None, db if bias is not None and need[4] else None,
@@ -250,6 +273,7 @@ def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
 
 torch.library.register_autograd("fused_norm::add_layer_norm_fwd", _add_layer_norm_backward,
                                 setup_context=_add_layer_norm_setup)
+AddLayerNormFunction = _functorch_function("add_layer_norm_fwd", _add_layer_norm_backward, _add_layer_norm_setup)
 
 
 def _add_layer_norm_bwd_math(grad_out, grad_sum, x, residual, normalized_shape, mean, rstd, weight, bias, sum_dtype,
@@ -266,6 +290,8 @@ def _add_layer_norm_bwd_math(grad_out, grad_sum, x, residual, normalized_shape, 
 
 torch.library.register_autograd("fused_norm::add_layer_norm_bwd", _backward_of(_add_layer_norm_bwd_math),
                                 setup_context=_save_inputs)
+AddLayerNormBwdFunction = _functorch_function("add_layer_norm_bwd", _backward_of(_add_layer_norm_bwd_math),
+                                              _save_inputs)
 
 
 # Autocast, as torch: under CUDA autocast layer_norm runs in float32 (torch's "fp32" cast
@@ -428,8 +454,9 @@ def _add_rms_norm_backward(ctx, dy, ds, _drstd):
     x_dtype, sum_dtype, r_dtype = ctx.dtypes
     if dy is None:  # only the sum reached the loss
         dy = torch.zeros(x.shape, dtype=x_dtype, device=x.device)
-    dx, dres, dw = ops.add_rms_norm_bwd(dy, ds if ctx.store_sum else None, x, res, ctx.normalized_shape, rstd, weight,
-                                        ctx.weight_offset, sum_dtype, r_dtype)
+    bwd = AddRMSNormBwdFunction.apply if functorch_active() else ops.add_rms_norm_bwd
+    dx, dres, dw = bwd(dy, ds if ctx.store_sum else None, x, res, ctx.normalized_shape, rstd, weight, ctx.weight_offset,
+                       sum_dtype, r_dtype)
     need = ctx.needs_input_grad
     return (dx if need[0] else None, (dx if r_dtype == x_dtype else dres) if need[1] else None, None,
             dw if weight is not None and need[3] else None, None, None, None, None, None)
@@ -437,6 +464,7 @@ def _add_rms_norm_backward(ctx, dy, ds, _drstd):
 
 torch.library.register_autograd("fused_norm::add_rms_norm_fwd", _add_rms_norm_backward,
                                 setup_context=_add_rms_norm_setup)
+AddRMSNormFunction = _functorch_function("add_rms_norm_fwd", _add_rms_norm_backward, _add_rms_norm_setup)
 
 
 def _add_rms_norm_bwd_math(grad_out, grad_sum, x, residual, normalized_shape, rstd, weight, weight_offset, sum_dtype,
@@ -451,6 +479,8 @@ def _add_rms_norm_bwd_math(grad_out, grad_sum, x, residual, normalized_shape, rs
 
 torch.library.register_autograd("fused_norm::add_rms_norm_bwd", _backward_of(_add_rms_norm_bwd_math),
                                 setup_context=_save_inputs)
+AddRMSNormBwdFunction = _functorch_function("add_rms_norm_bwd", _backward_of(_add_rms_norm_bwd_math),
+                                            _save_inputs)
 
 
 @torch.library.register_vmap("fused_norm::rms_norm_fwd")
@@ -482,6 +512,122 @@ def _rms_norm_bwd_vmap(info, in_dims, grad_out, input, normalized_shape, rstd, w
         return (dx, x.new_empty((0,), dtype=dtype)), (0, None)
     lead = tuple(range(1, x.dim() - k))  # the rows of one sample
     return (dx, _sum_over(dy.to(acc) * (x.to(acc) * rstd), lead).to(dtype)), (0, 0)
+
+
+# vmap of the residual add + norm ops, as the rules above: input and residual (either one
+# may be unmapped: it is expanded, a view) batch-first, one kernel call; a mapped weight or
+# bias applied outside the kernel; the parameter gradients summed per sample, from the sum
+# (stored, or formed again from input and residual as the kernels do).
+
+
+def _add_norm_rows(x, residual, sum_dtype, acc):
+    """The normalized rows of an add-norm backward in the accumulation dtype: x itself (the
+    stored sum) or input + residual rounded to sum_dtype."""
+    s = x if residual is None else (x.to(acc) + residual.to(acc)).to(sum_dtype)
+    return s.to(acc)
+
+
+def _add_norm_bwd_outputs(dx, dres, dw, db, grad_out, residual_dtype, dtype, with_bias=True):
+    """The outputs of a batched add-norm backward and their mapped dims: dres (computed only
+    for a residual dtype other than grad_out's) and the parameter gradients not computed
+    are empty and unmapped, as the op returns them."""
+    empty = dx.new_empty((0,), dtype=dtype)
+    outs = [dx, dres, dw if dw is not None else empty]
+    dims = [0, 0 if residual_dtype != grad_out.dtype else None, 0 if dw is not None else None]
+    if with_bias:
+        outs.append(db if db is not None else empty)
+        dims.append(0 if db is not None else None)
+    return tuple(outs), tuple(dims)
+
+
+@torch.library.register_vmap("fused_norm::add_layer_norm_fwd")
+def _add_layer_norm_fwd_vmap(info, in_dims, input, residual, normalized_shape, weight, bias, eps, residual_in_fp32,
+                             store_sum):
+    x_bdim, r_bdim, _, w_bdim, b_bdim = in_dims[:5]
+    B = info.batch_size
+    x, r = _to_front(input, x_bdim, B), _to_front(residual, r_bdim, B)
+    s_bdim = 0 if store_sum else None  # (not stored: an empty tensor, the same for every sample)
+    if w_bdim is None and b_bdim is None:
+        return ops.add_layer_norm_fwd(x, r, normalized_shape, weight, bias, eps, residual_in_fp32, store_sum), \
+            (0, s_bdim, 0, 0)
+    k = len(normalized_shape)
+    y, s, mean, rstd = ops.add_layer_norm_fwd(x, r, normalized_shape, None, None, eps, residual_in_fp32, store_sum)
+    acc = _acc_dtype(x.dtype)
+    y = y.to(acc)  # the affine in the accumulation type, as the kernel does
+    if weight is not None:
+        y = y * _per_sample_param(weight, w_bdim, x.dim(), k).to(acc)
+    if bias is not None:
+        y = y + _per_sample_param(bias, b_bdim, x.dim(), k).to(acc)
+    return (y.to(x.dtype), s, mean, rstd), (0, s_bdim, 0, 0)
+
+
+@torch.library.register_vmap("fused_norm::add_layer_norm_bwd")
+def _add_layer_norm_bwd_vmap(info, in_dims, grad_out, grad_sum, x, residual, normalized_shape, mean, rstd, weight,
+                             bias, sum_dtype, residual_dtype):
+    dy_bdim, ds_bdim, x_bdim, r_bdim, _, m_bdim, rs_bdim, w_bdim, b_bdim = in_dims[:9]
+    B = info.batch_size
+    dy, ds, xs, res, mean, rstd = (_to_front(t, d, B) for t, d in (
+        (grad_out, dy_bdim), (grad_sum, ds_bdim), (x, x_bdim), (residual, r_bdim), (mean, m_bdim), (rstd, rs_bdim)))
+    k = len(normalized_shape)
+    acc = _acc_dtype(grad_out.dtype)
+    if w_bdim is None and b_bdim is None:
+        # dx from the kernel; its dweight/dbias would sum over the samples too.
+        dx, dres = ops.add_layer_norm_bwd(dy, ds, xs, res, normalized_shape, mean, rstd, weight, bias, sum_dtype,
+                                          residual_dtype)[:2]
+    else:  # dx depends on the weight only through g = dy * weight
+        g = dy if weight is None else \
+            (dy.to(acc) * _per_sample_param(weight, w_bdim, dy.dim(), k).to(acc)).to(dy.dtype)
+        dx, dres = ops.add_layer_norm_bwd(g, ds, xs, res, normalized_shape, mean, rstd, None, None, sum_dtype,
+                                          residual_dtype)[:2]
+    lead = tuple(range(1, dy.dim() - k))  # the rows of one sample
+    dtype = _param_dtype(grad_out, weight, bias)
+    dw = db = None
+    if weight is not None:
+        xhat = (_add_norm_rows(xs, res, sum_dtype, acc) - mean) * rstd
+        dw = _sum_over(dy.to(acc) * xhat, lead).to(dtype)
+    if bias is not None:
+        db = _sum_over(dy.to(acc), lead).to(dtype)
+    return _add_norm_bwd_outputs(dx, dres, dw, db, grad_out, residual_dtype, dtype)
+
+
+@torch.library.register_vmap("fused_norm::add_rms_norm_fwd")
+def _add_rms_norm_fwd_vmap(info, in_dims, input, residual, normalized_shape, weight, eps, weight_offset, round_xhat,
+                           residual_in_fp32, store_sum):
+    x_bdim, r_bdim, _, w_bdim = in_dims[:4]
+    B = info.batch_size
+    x, r = _to_front(input, x_bdim, B), _to_front(residual, r_bdim, B)
+    s_bdim = 0 if store_sum else None
+    if w_bdim is None:
+        return ops.add_rms_norm_fwd(x, r, normalized_shape, weight, eps, weight_offset, round_xhat, residual_in_fp32,
+                                    store_sum), (0, s_bdim, 0)
+    y, s, rstd = ops.add_rms_norm_fwd(x, r, normalized_shape, None, eps, 0.0, round_xhat, residual_in_fp32, store_sum)
+    acc = _acc_dtype(x.dtype)
+    w = _per_sample_param(weight, w_bdim, x.dim(), len(normalized_shape)).to(acc) + weight_offset
+    return ((y.to(acc) * w).to(x.dtype), s, rstd), (0, s_bdim, 0)
+
+
+@torch.library.register_vmap("fused_norm::add_rms_norm_bwd")
+def _add_rms_norm_bwd_vmap(info, in_dims, grad_out, grad_sum, x, residual, normalized_shape, rstd, weight,
+                           weight_offset, sum_dtype, residual_dtype):
+    dy_bdim, ds_bdim, x_bdim, r_bdim, _, rs_bdim, w_bdim = in_dims[:7]
+    B = info.batch_size
+    dy, ds, xs, res, rstd = (_to_front(t, d, B) for t, d in (
+        (grad_out, dy_bdim), (grad_sum, ds_bdim), (x, x_bdim), (residual, r_bdim), (rstd, rs_bdim)))
+    k = len(normalized_shape)
+    acc = _acc_dtype(grad_out.dtype)
+    if w_bdim is None:
+        dx, dres = ops.add_rms_norm_bwd(dy, ds, xs, res, normalized_shape, rstd, weight, weight_offset, sum_dtype,
+                                        residual_dtype)[:2]
+    else:  # dx depends on the weight only through g = dy * (weight + weight_offset)
+        w = _per_sample_param(weight, w_bdim, dy.dim(), k).to(acc) + weight_offset
+        dx, dres = ops.add_rms_norm_bwd((dy.to(acc) * w).to(dy.dtype), ds, xs, res, normalized_shape, rstd, None,
+                                        0.0, sum_dtype, residual_dtype)[:2]
+    lead = tuple(range(1, dy.dim() - k))
+    dtype = _param_dtype(grad_out, weight, None)
+    dw = None
+    if weight is not None:
+        dw = _sum_over(dy.to(acc) * (_add_norm_rows(xs, res, sum_dtype, acc) * rstd), lead).to(dtype)
+    return _add_norm_bwd_outputs(dx, dres, dw, None, grad_out, residual_dtype, dtype, with_bias=False)
 
 
 # ---------------------------------------------------------------------------------------

@@ -127,8 +127,21 @@ def _hf_fused_class(module):
     return _HF_FUSED[cls]
 
 
-class _hf_classes:
-    """Namespace of the generated subclasses (see _hf_fused_class)."""
+class _HFClassesNamespace(type):
+    def __getattr__(cls, name):
+        # A fused add-norm class (fuse_add_norm) this process has not made yet, looked up
+        # by unpickling a model converted in another one: made now (it depends only on the
+        # layer class), so the model loads wherever transformers imports.
+        if name.startswith(_ADD_NORM_PREFIX):
+            _known_add_norm_classes()
+            if name in vars(cls):
+                return vars(cls)[name]
+        raise AttributeError(f"type object '_hf_classes' has no attribute '{name}'")
+
+
+class _hf_classes(metaclass=_HFClassesNamespace):
+    """Namespace of the generated subclasses (see _hf_fused_class and
+    _known_add_norm_classes): they pickle by their qualified name in it."""
 
 
 def _rms_candidate(module):
@@ -220,21 +233,75 @@ def _bert_add_norm_forward(self, hidden_states, input_tensor):
     return add_layer_norm_post(hidden_states, input_tensor, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _hooked(*modules):
+    """Whether a forward hook (of these modules, or a global one) may see their inputs."""
+    from torch.nn.modules import module as _module
+    if _module._global_forward_pre_hooks or _module._global_forward_hooks:
+        return True
+    return any(m._forward_pre_hooks or m._forward_hooks for m in modules)
+
+
+def _mlp_casts_its_input(mlp, device_type, dtype):
+    """Whether the MLP of a LlamaDecoderLayer sees its input only through autocast's cast to
+    `dtype`: autocast to dtype is on, and the MLP is transformers' LlamaMLP whose input
+    goes only to two torch.nn.Linear (autocast casts a Linear's input), with no hooks that
+    would see the input first. Then an input in dtype gives what its float32 form gives."""
+    from transformers.models.llama import modeling_llama
+    if not (torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == dtype):
+        return False
+    if type(mlp) is not modeling_llama.LlamaMLP:
+        return False
+    linears = (getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None))
+    return all(type(m) is nn.Linear for m in linears) and not _hooked(mlp, *linears)
+
+
+def _llama_add_norm(self, attn_out, residual):
+    """`residual + attn_out` and post_attention_layernorm of it, as LlamaDecoderLayer and
+    LlamaRMSNorm compute them: s = residual + attn_out in their promoted dtype (added in
+    float32), x_hat = s * rsqrt(mean(s^2) + eps) in float32, rounded to s's dtype, then
+    weight * x_hat in the promoted dtype of the weight and s. Returns (the norm's output,
+    s), fused where the add-RMSNorm op can express that:
+
+    - the weight in s's dtype: the op with round_xhat (on input and residual cast to s's
+      dtype where they differ from it: exact);
+    - another weight dtype (a float32 weight of a bfloat16 model): the op without weight
+      gives x_hat in s's dtype, and the weight multiplies it;
+    - under autocast to attn_out's dtype, where the MLP casts its input to that dtype
+      anyway (_mlp_casts_its_input), the output is computed in attn_out's dtype directly
+      from a float32 residual or weight, as the op supports them: bfloat16 attention output
+      with a float32 residual (the sum in float32, x_hat not rounded), or with a float32
+      weight (x_hat rounded, the product rounded as the MLP's cast rounds it).
+
+    A float64 sum (normalized in float32 by LlamaRMSNorm, in float64 by the op) and
+    other dtypes run the unfused code."""
+    norm = self.post_attention_layernorm
+    weight, eps = norm.weight, norm.variance_epsilon
+    n = weight.shape
+    sum_dtype = torch.promote_types(attn_out.dtype, residual.dtype)
+    if sum_dtype not in (torch.float32, *_REDUCED) or not weight.is_floating_point():
+        residual = residual + attn_out
+        return norm(residual), residual
+    if (attn_out.dtype in _REDUCED and residual.dtype in (attn_out.dtype, torch.float32)
+            and weight.dtype in (attn_out.dtype, torch.float32) and _mlp_casts_its_input(self.mlp, attn_out.device.type, attn_out.dtype)):
+        return _add_rms_norm("add_rms_norm", attn_out, residual, n, weight, eps, False, True,
+                             round_xhat=sum_dtype != torch.float32)[:2]
+    x, res = attn_out.to(sum_dtype), residual.to(sum_dtype)
+    if weight.dtype == sum_dtype:
+        return _add_rms_norm("add_rms_norm", x, res, n, weight, eps, False, True, round_xhat=True)[:2]
+    x_hat, s = _add_rms_norm("add_rms_norm", x, res, n, None, eps, False, True)[:2]
+    return weight * x_hat, s
+
+
 def _llama_decoder_forward(self, hidden_states, **kwargs):
     """LlamaDecoderLayer.forward (transformers' modeling_llama) with the residual add after
     the attention fused into post_attention_layernorm: add_rms_norm gives the MLP's input
-    and the new residual in one pass. LlamaRMSNorm multiplies its weight by the normalized
-    sum rounded to the sum's dtype (round_xhat). Where the dtypes differ (a float32 weight
-    of a bfloat16 model promotes the norm's output), the unfused code runs."""
+    and the new residual in one pass (see _llama_add_norm for the dtypes)."""
     residual = hidden_states
     hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
-    norm = self.post_attention_layernorm
-    if hidden_states.dtype == residual.dtype == norm.weight.dtype:
-        hidden_states, residual = _add_rms_norm("add_rms_norm", hidden_states, residual, norm.weight.shape,
-                                                norm.weight, norm.variance_epsilon, False, True, round_xhat=True)[:2]
-    else:
-        residual = residual + hidden_states
-        hidden_states = norm(residual)
+    hidden_states, residual = _llama_add_norm(self, hidden_states, residual)
     return residual + self.mlp(hidden_states)
 
 
@@ -262,14 +329,20 @@ def _known_add_norm_classes():
                              (modeling_bert.BertOutput, _bert_add_norm_forward, _bert_layer_ok),
                              (modeling_llama.LlamaDecoderLayer, _llama_decoder_forward, _llama_layer_ok)):
         if cls not in _FUSED_ADD_NORM:
-            _FUSED_ADD_NORM[cls] = type(f"FusedAddNorm{cls.__name__}", (cls,), {
-                "forward": forward, "__module__": __name__,
+            name = _ADD_NORM_PREFIX + cls.__name__
+            fused = type(name, (cls,), {
+                "forward": forward, "__module__": __name__, "__qualname__": f"_hf_classes.{name}",
                 "__doc__": f"{cls.__name__} whose residual add runs fused into its norm (fuse_add_norm)."})
+            # reachable by its qualified name, so that converted models pickle (copy.deepcopy,
+            # pickle, torch.save of the whole model); the layer classes' names are distinct
+            setattr(_hf_classes, name, fused)
+            _FUSED_ADD_NORM[cls] = fused
         known[cls] = (_FUSED_ADD_NORM[cls], ok)
     return known
 
 
 _FUSED_ADD_NORM = {}  # the classes made so far: one per layer class, so instances share it
+_ADD_NORM_PREFIX = "FusedAddNorm"
 
 
 def fuse_add_norm(model: nn.Module) -> nn.Module:
@@ -278,7 +351,10 @@ def fuse_add_norm(model: nn.Module) -> nn.Module:
     ``BertOutput`` (anywhere in ``model``) compute ``LayerNorm(hidden_states +
     input_tensor)`` with :func:`fused_norm.add_layer_norm_post`, and ``LlamaDecoderLayer``
     forms the residual after its attention and normalizes it
-    (``post_attention_layernorm``) with :func:`fused_norm.add_rms_norm`.
+    (``post_attention_layernorm``) with :func:`fused_norm.add_rms_norm`, also where the
+    dtypes differ (a float32 residual stream or float32 norm weights with bfloat16/float16
+    activations, under autocast or not), computing what ``LlamaRMSNorm`` computes; a
+    float64 model's layers, which ``LlamaRMSNorm`` normalizes in float32, run unfused.
 
     As :func:`convert_model` does for norm layers, it changes the class of each such
     layer to a subclass whose only difference is ``forward`` (the same dense, dropout and

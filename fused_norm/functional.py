@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from ._ops import _acc_dtype, ops
+from ._ops import AddLayerNormFunction, AddRMSNormFunction, _acc_dtype, functorch_active, ops
 
 
 def _raise_type_error(fn, args):
@@ -58,8 +58,8 @@ def layer_norm(
 
 def _add_layer_norm(fn, input, residual, normalized_shape, weight, bias, eps, residual_in_fp32, store_sum):
     try:
-        return ops.add_layer_norm_fwd(input, residual, list(normalized_shape), weight, bias, eps, residual_in_fp32,
-                                      store_sum)
+        args = (input, residual, list(normalized_shape), weight, bias, eps, residual_in_fp32, store_sum)
+        return AddLayerNormFunction.apply(*args) if functorch_active() else ops.add_layer_norm_fwd(*args)
     except (RuntimeError, TypeError):
         _raise_type_error(fn, (("input", input, "Tensor"), ("residual", residual, "Tensor"),
                                ("normalized_shape", normalized_shape, "ints"), ("weight", weight, "Tensor?"),
@@ -126,11 +126,12 @@ def _rms_weight(input: torch.Tensor, weight: Optional[torch.Tensor]) -> Optional
     float32. torch's rms_norm accepts any floating weight (it multiplies the float32, or
     float64, normalized input by it and rounds to input's dtype): other dtypes are cast to
     the input's accumulation dtype, which is exact for a narrower weight; a float64
-    weight of a float32/16-bit input is rounded to float32 first."""
+    weight of a float32/16-bit input is rounded to float32 first. TorchScript compiles it
+    (the add-RMSNorm modules' scripted forward)."""
     if weight is None or weight.dtype == input.dtype or not weight.is_floating_point() \
             or not input.is_floating_point():
         return weight
-    if weight.dtype == torch.float32 and input.dtype in (torch.float16, torch.bfloat16):
+    if weight.dtype == torch.float32 and (input.dtype == torch.float16 or input.dtype == torch.bfloat16):
         return weight
     return weight.to(_acc_dtype(input.dtype))
 
@@ -164,8 +165,9 @@ def _add_rms_norm(fn, input, residual, normalized_shape, weight, eps, residual_i
         if eps is None:  # torch's rms_norm of the sum: the machine epsilon of the sum's dtype
             eps = torch.finfo(torch.float32 if residual_in_fp32 else torch.promote_types(input.dtype,
                                                                                          residual.dtype)).eps
-        return ops.add_rms_norm_fwd(input, residual, list(normalized_shape), _rms_weight(input, weight), eps, 0.0,
-                                    round_xhat, residual_in_fp32, store_sum)
+        args = (input, residual, list(normalized_shape), _rms_weight(input, weight), eps, 0.0, round_xhat,
+                residual_in_fp32, store_sum)
+        return AddRMSNormFunction.apply(*args) if functorch_active() else ops.add_rms_norm_fwd(*args)
     except (RuntimeError, TypeError, AttributeError):
         _raise_type_error(fn, (("input", input, "Tensor"), ("residual", residual, "Tensor"),
                                ("normalized_shape", normalized_shape, "ints"), ("weight", weight, "Tensor?"),

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .functional import (_batch_norm, _SyncBatchNorm, add_layer_norm, add_layer_norm_post, add_rms_norm,
+from .functional import (_batch_norm, _rms_weight, _SyncBatchNorm, add_layer_norm, add_layer_norm_post, add_rms_norm,
                          add_rms_norm_post, layer_norm, rms_norm)
 
 
@@ -33,6 +33,11 @@ class FusedAddLayerNorm(nn.LayerNorm):
         self.residual_in_fp32 = residual_in_fp32
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if torch.jit.is_scripting():  # TorchScript calls the op (the functional form is Python only)
+            y, s, _, _ = torch.ops.fused_norm.add_layer_norm_fwd(input, residual, list(self.normalized_shape),
+                                                                 self.weight, self.bias, self.eps,
+                                                                 self.residual_in_fp32, True)
+            return y, s
         return add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
                               residual_in_fp32=self.residual_in_fp32)
 
@@ -43,6 +48,9 @@ class FusedPostAddLayerNorm(nn.LayerNorm):
     :func:`fused_norm.add_layer_norm_post`; the sum is not stored."""
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return torch.ops.fused_norm.add_layer_norm_fwd(input, residual, list(self.normalized_shape), self.weight,
+                                                           self.bias, self.eps, False, False)[0]
         return add_layer_norm_post(input, residual, self.normalized_shape, self.weight, self.bias, self.eps)
 class FusedRMSNorm(nn.RMSNorm):
     r"""Drop-in for :class:`torch.nn.RMSNorm` (same constructor, parameters and
@@ -66,6 +74,12 @@ class FusedAddRMSNorm(nn.RMSNorm):
         self.residual_in_fp32 = residual_in_fp32
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if torch.jit.is_scripting():
+            y, s, _ = torch.ops.fused_norm.add_rms_norm_fwd(
+                input, residual, list(self.normalized_shape), _rms_weight(input, self.weight),
+                _add_rms_eps(self.eps, input, residual, self.residual_in_fp32), 0.0, False, self.residual_in_fp32,
+                True)
+            return y, s
         return add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps,
                             residual_in_fp32=self.residual_in_fp32)
 
@@ -75,7 +89,21 @@ class FusedPostAddRMSNorm(nn.RMSNorm):
     ``RMSNorm(input + residual)`` in one pass, as :func:`fused_norm.add_rms_norm_post`."""
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return torch.ops.fused_norm.add_rms_norm_fwd(
+                input, residual, list(self.normalized_shape), _rms_weight(input, self.weight),
+                _add_rms_eps(self.eps, input, residual, False), 0.0, False, False, False)[0]
         return add_rms_norm_post(input, residual, self.normalized_shape, self.weight, self.eps)
+
+
+def _add_rms_eps(eps: Optional[float], input: torch.Tensor, residual: torch.Tensor, residual_in_fp32: bool) -> float:
+    """The eps of an add-RMSNorm module: its own, or (None) the machine epsilon of the sum's
+    dtype, as fused_norm.add_rms_norm; in a form TorchScript compiles."""
+    if eps is not None:
+        return eps
+    if residual_in_fp32:
+        return _machine_eps(torch.float32)
+    return _machine_eps(torch.promote_types(input.dtype, residual.dtype))
 
 
 def _machine_eps(dtype: torch.dtype) -> float:

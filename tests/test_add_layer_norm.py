@@ -1,6 +1,8 @@
 """fused_norm.add_layer_norm / add_layer_norm_post (and their modules) against torch's
 unfused composition: the sum `input + residual`, then F.layer_norm."""
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -347,3 +349,246 @@ def test_add_rms_norm_gradcheck_opcheck_compile():
     out = torch.compile(block, fullgraph=True, backend="aot_eager")(x, r)
     torch.testing.assert_close(out, block(x, r))
     torch.testing.assert_close(out, F.rms_norm((F.rms_norm(x + r, (7,), eps=1e-6)).sin() + x + r, (7,)))
+
+
+# ---------------------------------------------------------------------------------------
+# torch.func: vmap of the four add-norm functions (their ops' batching rules) and
+# per-sample gradients (vmap of grad), against the same transforms of torch's unfused
+# composition and against a loop over the samples.
+
+
+@pytest.fixture
+def no_vmap_fallback():
+    """vmap raises instead of falling back to a per-sample loop: the ops' own batching rules
+    must run."""
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    yield
+    torch._C._functorch._set_vmap_fallback_enabled(True)
+
+
+ADD_FNS = ["ln-pre", "ln-post", "rms-pre", "rms-post"]
+
+
+def _add_fn(kind, fused):
+    """f(x, r, w, b) -> a tuple of outputs (output, and the sum for pre-norm); the bias is
+    unused by RMSNorm. fused: ours, else torch's composition."""
+    norm, pre = kind.split("-")
+    pre = pre == "pre"
+    n = (8,)
+
+    def ours(x, r, w, b):
+        if norm == "ln":
+            fn = fused_norm.add_layer_norm if pre else fused_norm.add_layer_norm_post
+            out = fn(x, r, n, w, b)
+        else:
+            fn = fused_norm.add_rms_norm if pre else fused_norm.add_rms_norm_post
+            out = fn(x, r, n, w, 1e-6)
+        return out if pre else (out,)
+
+    def theirs(x, r, w, b):
+        s = x + r
+        y = F.layer_norm(s, n, w, b) if norm == "ln" else F.rms_norm(s, n, w, 1e-6)
+        return (y.to(x.dtype), s) if pre else (y.to(x.dtype),)
+
+    return ours if fused else theirs
+
+
+def _vmap_args(dtype, rdtype=None, wdtype=None):
+    g = torch.Generator().manual_seed(7)
+    mk = lambda *s: torch.randn(s, generator=g, dtype=torch.float64)  # noqa: E731
+    x, r = mk(4, 5, 8) * 2 + 0.5, mk(4, 5, 8)
+    W, B = mk(4, 8), mk(4, 8)
+    return x.to(dtype), r.to(rdtype or dtype), W.to(wdtype or dtype), B.to(wdtype or dtype)
+
+
+def _loss(f):
+    """A loss of the sample's outputs, not quadratic (the statistics' derivatives matter)."""
+    def loss(w, b, x, r):
+        outs = f(x, r, w, b)
+        c = torch.arange(x.numel(), dtype=torch.float64, device=x.device).view(x.shape).cos()
+        return sum((o.double().pow(3) * c).sum() for o in outs)
+    return loss
+
+
+# (in_dims of x, r, w, b): mapped input and residual (dim 0, or 1 for x), either one
+# unmapped (shared by the samples), per-sample parameters, only the parameters mapped.
+VMAP_IN_DIMS = [(0, 0, None, None), (1, 0, None, None), (0, None, None, None), (None, 0, None, None),
+                (0, 0, 0, 0), (0, 0, 0, None), (None, None, 0, 0)]
+
+
+def _vmap_inputs(in_dims, x, r, W, B):
+    """The arguments for in_dims: an unmapped one is one sample's (the first)."""
+    out = []
+    for t, d in zip((x, r, W, B), in_dims):
+        out.append(t[0] if d is None else t.movedim(0, d))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("kind", ADD_FNS)
+def test_vmap_like_torch_and_a_loop(kind, dtype, no_vmap_fallback):
+    x, r, W, B = _vmap_args(dtype)
+    ours, theirs = _add_fn(kind, True), _add_fn(kind, False)
+    for in_dims in VMAP_IN_DIMS:
+        args = _vmap_inputs(in_dims, x, r, W, B)
+        with count_fused_calls() as calls:
+            got = torch.func.vmap(ours, in_dims=in_dims)(*args)
+        assert calls.n == 1, in_dims  # one kernel call for the whole batch
+        expected = torch.func.vmap(theirs, in_dims=in_dims)(*args)
+        loop = [torch.stack(o) for o in zip(*(ours(*(a if d is None else a.select(d, i)
+                                                      for a, d in zip(args, in_dims))) for i in range(4)))]
+        assert len(got) == len(expected) == len(loop)
+        for a, b, c in zip(got, expected, loop):
+            assert a.dtype == c.dtype == dtype and a.shape == c.shape
+            torch.testing.assert_close(a, b, msg=lambda m: f"{in_dims}: {m}")
+            torch.testing.assert_close(a, c, msg=lambda m: f"{in_dims}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("kind", ADD_FNS)
+def test_per_sample_gradients(kind, dtype, no_vmap_fallback):
+    """vmap(grad(loss)): the gradients of each sample's loss w.r.t. weight, bias, input and
+    residual, with shared or per-sample parameters and a shared residual; one forward and
+    one backward kernel call for the batch."""
+    x, r, W, B = _vmap_args(dtype)
+    grad = lambda f: torch.func.grad(_loss(f), argnums=(0, 1, 2, 3))  # noqa: E731
+    ours, theirs = _add_fn(kind, True), _add_fn(kind, False)
+    for in_dims in [(None, None, 0, 0), (0, 0, 0, 0), (None, None, 0, None), (None, None, None, 0)]:
+        args = [t if d is not None else t[0] for t, d in zip((W, B, x, r), in_dims)]
+        with count_fused_calls() as calls:
+            got = torch.func.vmap(grad(ours), in_dims=in_dims)(*args)
+        assert calls.n == 2, in_dims
+        expected = torch.func.vmap(grad(theirs), in_dims=in_dims)(*args)
+        loop = [torch.stack(g) for g in zip(*(grad(ours)(*(a if d is None else a[i] for a, d in zip(args, in_dims)))
+                                              for i in range(4)))]
+        for what, a, b, c in zip(("weight", "bias", "input", "residual"), got, expected, loop):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{in_dims} grad of {what}: {m}")
+            torch.testing.assert_close(a, c, msg=lambda m: f"{in_dims} grad of {what}: {m}")
+
+
+@pytest.mark.parametrize("kind", ADD_FNS)
+def test_torch_func_grad_of_grad(kind):
+    """torch.func.grad twice (the backward ops differentiated under torch.func too)."""
+    x, r, W, B = (t[0] for t in _vmap_args(torch.float64))
+
+    def second(f):
+        first = torch.func.grad(_loss(f), argnums=(2, 3))
+        return torch.func.grad(lambda w, b, x, r: sum(g.square().sum() for g in first(w, b, x, r)),
+                               argnums=(0, 1, 2, 3))(W, B, x, r)
+
+    for what, a, b in zip(("weight", "bias", "input", "residual"), second(_add_fn(kind, True)),
+                          second(_add_fn(kind, False))):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("kind", ADD_FNS)
+def test_vmap_mixed_precision_residual(kind, no_vmap_fallback):
+    """bfloat16 input with a float32 residual (the sum and its gradient in float32, a
+    separate residual gradient) and float32 parameters: the batched kernels give what
+    they give sample by sample."""
+    x, r, W, B = _vmap_args(torch.bfloat16, torch.float32, torch.float32)
+    ours = _add_fn(kind, True)
+    got = torch.func.vmap(ours, in_dims=(0, 0, None, None))(x, r, W[0], B[0])
+    loop = [torch.stack(o) for o in zip(*(ours(x[i], r[i], W[0], B[0]) for i in range(4)))]
+    for a, c in zip(got, loop):
+        assert a.dtype == c.dtype
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    grad = torch.func.grad(_loss(ours), argnums=(0, 1, 2, 3))
+    got = torch.func.vmap(grad, in_dims=(None, None, 0, 0))(W[0], B[0], x, r)
+    loop = [torch.stack(g) for g in zip(*(grad(W[0], B[0], x[i], r[i]) for i in range(4)))]
+    for what, a, c in zip(("weight", "bias", "input", "residual"), got, loop):
+        assert a.dtype == c.dtype, what
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5 * c.abs().max().item(), msg=what)
+
+
+@pytest.mark.parametrize("kind", ADD_FNS)
+def test_vmap_of_vjp(kind, no_vmap_fallback):
+    """vmap of a vjp over a batch of cotangents: the backward op mapped over its incoming
+    gradients alone (input, residual, statistics and parameters unmapped), one call."""
+    primals = [t[0] for t in _vmap_args(torch.float64)]
+    g = torch.Generator().manual_seed(3)
+    results = []
+    for fused in (True, False):
+        outs, vjp_fn = torch.func.vjp(_add_fn(kind, fused), *primals)
+        cot = tuple(torch.randn((3,) + o.shape, generator=g.manual_seed(3 + i), dtype=o.dtype)
+                    for i, o in enumerate(outs))
+        with count_fused_calls() as calls:
+            results.append(torch.func.vmap(vjp_fn)(cot))
+        assert calls.n == (1 if fused else 0)
+    for what, a, b in zip(("input", "residual", "weight", "bias"), *results):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{what}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# TorchScript: the four add-norm modules, alone and in a model, give eager's results.
+
+
+class _AddNormBlock(nn.Module):
+    """Two pre-norm blocks and a post-norm one, as a transformer stacks them."""
+
+    def __init__(self, d, rms, residual_in_fp32=False):
+        super().__init__()
+        pre, post = ((fused_norm.FusedAddRMSNorm, fused_norm.FusedPostAddRMSNorm) if rms else
+                     (fused_norm.FusedAddLayerNorm, fused_norm.FusedPostAddLayerNorm))
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.norm1 = pre(d, residual_in_fp32=residual_in_fp32)
+        self.norm2 = pre(d, eps=1e-3, residual_in_fp32=residual_in_fp32)
+        self.post = post(d)
+
+    def forward(self, h: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+        y, res = self.norm1(self.fc1(h), res)
+        y, res = self.norm2(self.fc2(y), res)
+        return self.post(y, res.to(y.dtype))
+
+
+@pytest.mark.parametrize("dtype,rdtype,fp32", [(torch.float32, torch.float32, False),
+                                               (torch.bfloat16, torch.float32, False),
+                                               (torch.bfloat16, torch.bfloat16, True)],
+                         ids=["fp32", "bf16+fp32res", "bf16-res32"])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_torchscript(rms, dtype, rdtype, fp32):
+    """torch.jit.script of each add-norm module (eps=None RMSNorm: the sum's machine
+    epsilon) and of a model holding them: the scripted forward calls the fused op, gives
+    eager's outputs bit for bit and the same gradients, and survives jit save/load."""
+    torch.manual_seed(0)
+    d = 32
+    x, r = torch.randn(3, 5, d).to(dtype), torch.randn(3, 5, d).to(rdtype)
+    classes = ((fused_norm.FusedAddRMSNorm, fused_norm.FusedPostAddRMSNorm) if rms else
+               (fused_norm.FusedAddLayerNorm, fused_norm.FusedPostAddLayerNorm))
+    for cls in classes:
+        kwargs = {"residual_in_fp32": fp32} if cls in (fused_norm.FusedAddRMSNorm, fused_norm.FusedAddLayerNorm) else {}
+        m = cls(d, **kwargs)
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5)
+            if not rms:
+                m.bias.uniform_(-0.5, 0.5)
+        scripted = torch.jit.script(m)
+        with count_fused_calls() as calls:
+            got = scripted(x, r)
+        assert calls.n == 1
+        expected = m(x, r)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple)
+                        else (expected,)):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    model = _AddNormBlock(d, rms, fp32)
+    if dtype != torch.float32:
+        model.fc1.to(dtype), model.fc2.to(dtype)
+    scripted = torch.jit.script(model)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    outs = []
+    for m in (model, scripted, loaded):
+        m.zero_grad()
+        h, res = x.clone().requires_grad_(), r.clone().requires_grad_()
+        with count_fused_calls() as calls:
+            y = m(h, res)
+            y.float().square().sum().backward()
+        assert calls.n == 6  # three add-norms, forward and backward
+        outs.append([y, h.grad, res.grad] + [p.grad for p in m.parameters()])
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)

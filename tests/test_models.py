@@ -6,11 +6,17 @@ unconverted model: training steps, eval, torch.compile and CPU autocast."""
 import contextlib
 import copy
 import functools
+import io
 import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -345,10 +351,7 @@ def test_fuse_add_norm_leaves_others_alone():
     assert type(model.bert.embeddings.LayerNorm) is nn.LayerNorm
 
 
-def test_llama_fused_add_norm_matches_unconverted():
-    """fuse_add_norm on a Llama decoder (pre-norm RMSNorm: the residual after the attention
-    and post_attention_layernorm fused into add_rms_norm): 3 SGD steps give the unconverted
-    model's logits, loss, gradients and parameters."""
+def _llama():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
@@ -357,12 +360,207 @@ def test_llama_fused_add_norm_matches_unconverted():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.rand(p.shape) * 0.2)
-    converted = fused_norm.fuse_add_norm(copy.deepcopy(model))
-    assert [type(m).__name__ for m in converted.model.layers] == ["FusedAddNormLlamaDecoderLayer"] * 2
-    assert converted.state_dict().keys() == model.state_dict().keys()
 
     def make_inputs(step):
         ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(step))
         return dict(input_ids=ids, labels=ids)
 
+    return model, make_inputs
+
+
+def test_llama_fused_add_norm_matches_unconverted():
+    """fuse_add_norm on a Llama decoder (pre-norm RMSNorm: the residual after the attention
+    and post_attention_layernorm fused into add_rms_norm): 3 SGD steps give the unconverted
+    model's logits, loss, gradients and parameters."""
+    model, make_inputs = _llama()
+    converted = fused_norm.fuse_add_norm(copy.deepcopy(model))
+    assert [type(m).__name__ for m in converted.model.layers] == ["FusedAddNormLlamaDecoderLayer"] * 2
+    assert converted.state_dict().keys() == model.state_dict().keys()
     _sgd_steps_match(model, converted, make_inputs, fused_calls=2 * 2)  # one add+norm per layer, both ways
+
+
+def _fused_add_norm_model(name):
+    """A BERT (fuse_add_norm and convert_model: 5 fused norms) or Llama (fuse_add_norm: 2)
+    converted, in eval mode, with its inputs and its fused op calls per forward."""
+    if name == "bert":
+        model, make_inputs = _bert()
+        return fused_norm.convert_model(fused_norm.fuse_add_norm(model)).eval(), make_inputs(0), 5
+    model, make_inputs = _llama()
+    return fused_norm.fuse_add_norm(model).eval(), make_inputs(0), 2
+
+
+def _save_load(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_fused_add_norm_model_copies_pickles_and_saves(name):
+    """A model converted by fuse_add_norm (its layers instances of classes made at run
+    time) survives copy.deepcopy, pickle and torch.save/torch.load of the whole model: the
+    copies have the same classes, run the fused ops as often and give the same outputs."""
+    model, inputs, fused_calls = _fused_add_norm_model(name)
+    with torch.no_grad(), count_fused_calls() as calls:
+        expected = model(**inputs).logits
+    assert calls.n == fused_calls
+    for how, clone in (("deepcopy", copy.deepcopy), ("pickle", lambda m: pickle.loads(pickle.dumps(m))),
+                       ("torch.save", _save_load)):
+        other = clone(model)
+        assert other is not model and [type(m) for m in other.modules()] == [type(m) for m in model.modules()], how
+        with torch.no_grad(), count_fused_calls() as calls:
+            got = other(**inputs).logits
+        assert calls.n == fused_calls, how
+        assert torch.equal(got, expected), how
+
+
+def test_fused_add_norm_model_loads_in_a_new_process(tmp_path):
+    """torch.load of a saved fuse_add_norm model in a process that never converted one
+    (the fused classes are made on lookup) gives the same outputs."""
+    model, inputs, fused_calls = _fused_add_norm_model("llama")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    path = tmp_path / "model.pt"
+    torch.save({"model": model, "inputs": inputs, "expected": expected}, path)
+    script = (
+        "import sys, torch, fused_norm\n"
+        "saved = torch.load(sys.argv[1], weights_only=False)\n"
+        "layers = saved['model'].model.layers\n"
+        "assert all(type(m).__name__ == 'FusedAddNormLlamaDecoderLayer' for m in layers), [type(m) for m in layers]\n"
+        "with torch.no_grad():\n"
+        "    got = saved['model'](**saved['inputs']).logits\n"
+        "assert torch.equal(got, saved['expected'])\n")
+    root = Path(fused_norm.__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _llama_layer_dtypes(model):
+    """Records each decoder layer's output dtype (hooks on the layers only: the fused
+    forward's choices depend on the MLP's hooks)."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out.dtype)) for m in model.model.layers]
+    return seen, hooks
+
+
+def _llama_runs_match(model, converted, make_inputs, amp, fused_calls, exact):
+    """Two training steps' logits, loss, layer output dtypes and parameter gradients of the
+    model and its fuse_add_norm copy, under CPU autocast to bfloat16 when amp; the copy
+    makes fused_calls op calls per step. exact: the same logits, loss and gradients as
+    _assert_same demands; else within bfloat16 tolerance (the kernel's mean square sums
+    in another order than torch's, a last-bit difference that bfloat16 rounding may
+    turn into an ulp)."""
+    for step in range(2):
+        inputs = make_inputs(step)
+        results = []
+        for m in (model, converted):
+            m.zero_grad()
+            seen, hooks = _llama_layer_dtypes(m)
+            with count_fused_calls() as calls:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    out = m(**inputs)
+                out.loss.backward()
+            for h in hooks:
+                h.remove()
+            results.append((out, seen, calls.n))
+        (out_a, seen_a, n_a), (out_b, seen_b, n_b) = results
+        assert n_a == 0 and n_b == fused_calls
+        assert seen_a == seen_b
+        if exact:
+            _assert_same(out_a.logits, out_b.logits, "logits")
+            _assert_same(out_a.loss, out_b.loss, "loss")
+        else:
+            scale = out_a.logits.detach().abs().max()
+            _assert_same(out_a.logits / scale, out_b.logits / scale, "logits", rtol=2e-2, atol=2e-2)
+            _assert_same(out_a.loss, out_b.loss, "loss", rtol=2e-2, atol=0)
+        for (k, p), q in zip(model.named_parameters(), converted.parameters(), strict=True):
+            assert p.grad is not None and q.grad is not None and q.grad.dtype == p.grad.dtype, k
+            if exact:
+                _assert_same(p.grad, q.grad, f"grad {k}")
+            else:
+                err = (q.grad.float() - p.grad.float()).abs().max()
+                assert err <= 5e-2 * p.grad.float().abs().max().clamp_min(1e-6), (k, err.item())
+
+
+def _llama_with(model_dtype, norm_dtype):
+    model, make_inputs = _llama()
+    model.to(model_dtype)
+    for m in model.modules():
+        if type(m).__name__ == "LlamaRMSNorm":
+            m.to(norm_dtype)
+    return model, make_inputs
+
+
+class _record_add_rms_norm(TorchDispatchMode):
+    """The dtypes of input, residual and weight (None: none) of each add_rms_norm_fwd call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.fused_norm.add_rms_norm_fwd.default:
+            self.calls.append(tuple(None if t is None else t.dtype for t in (args[0], args[1], args[3])))
+        return func(*args, **(kwargs or {}))
+
+
+BF16, F32 = torch.bfloat16, torch.float32
+# (model dtype, RMSNorm weight dtype, CPU autocast to bfloat16, the op's input, residual and
+# weight dtypes)
+LLAMA_MIXED = {
+    # autocast: the attention output in bfloat16, the residual stream in float32
+    "fp32-amp": (F32, F32, True, (BF16, F32, F32)),
+    # float32 norm weights of a bfloat16 model (it runs only under autocast: the norms'
+    # float32 outputs meet bfloat16 Linears)
+    "bf16+fp32norm-amp": (BF16, F32, True, (BF16, BF16, F32)),
+    "bf16-amp": (BF16, BF16, True, (BF16, BF16, BF16)),
+    # bfloat16 norm weights of a float32 model: the norms' outputs are float32
+    "fp32+bf16norm": (F32, BF16, False, (F32, F32, None)),
+}
+
+
+@pytest.mark.parametrize("case", list(LLAMA_MIXED))
+def test_llama_fused_add_norm_mixed_dtypes(case):
+    """fuse_add_norm's Llama layers fuse where the dtypes differ too (float32 residual of
+    bfloat16 attention outputs under autocast, float32 weights of a bfloat16 model, a
+    bfloat16 weight of a float32 model) and match the unconverted model."""
+    model_dtype, norm_dtype, amp, op_dtypes = LLAMA_MIXED[case]
+    model, make_inputs = _llama_with(model_dtype, norm_dtype)
+    converted = fused_norm.fuse_add_norm(copy.deepcopy(model))
+    exact = not amp and model_dtype == torch.float32
+    _llama_runs_match(model, converted, make_inputs, amp, fused_calls=2 * 2, exact=exact)
+    with _record_add_rms_norm() as record, torch.no_grad(), torch.autocast("cpu", dtype=BF16, enabled=amp):
+        converted(**make_inputs(0))
+    assert record.calls == [op_dtypes] * 2
+
+
+def test_llama_fused_add_norm_autocast_with_hooked_mlp():
+    """Under autocast, with a hook that sees the MLP's input, the norm's output keeps the
+    unconverted model's dtype (float32): fused with the attention output cast to the
+    residual's dtype."""
+    model, make_inputs = _llama_with(torch.float32, torch.float32)
+    converted = fused_norm.fuse_add_norm(copy.deepcopy(model))
+    seen = []
+    for m in (model, converted):
+        for layer in m.model.layers:
+            layer.mlp.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    _llama_runs_match(model, converted, make_inputs, True, fused_calls=2 * 2, exact=False)
+    assert seen == [torch.float32] * len(seen) and len(seen) == 2 * 2 * 2
+    with _record_add_rms_norm() as record, torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        converted(**make_inputs(0))
+    assert record.calls == [(F32, F32, F32)] * 2
+
+
+def test_llama_fused_add_norm_float64_runs_unfused():
+    """LlamaRMSNorm normalizes a float64 sum in float32, which the op (in float64) does
+    not: such layers run the unfused code, bit for bit the model's."""
+    model, make_inputs = _llama_with(torch.float64, torch.float64)
+    converted = fused_norm.fuse_add_norm(copy.deepcopy(model))
+    inputs = make_inputs(0)
+    with torch.no_grad(), count_fused_calls() as calls:
+        got = converted(**inputs).logits
+    assert calls.n == 0
+    assert torch.equal(got, model(**inputs).logits)
