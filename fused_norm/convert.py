@@ -224,12 +224,18 @@ def convert_model(model: nn.Module) -> nn.Module:
 
 def _bert_add_norm_forward(self, hidden_states, input_tensor):
     """BertSelfOutput.forward / BertOutput.forward (transformers' modeling_bert) with the
-    residual add fused into the LayerNorm. Where the two dtypes differ (under autocast,
-    say), the unfused expression runs, whose sum promotes to the wider dtype."""
+    residual add fused into the LayerNorm. Where the two dtypes differ (under autocast: the
+    dense layer's bfloat16 output and the float32 residual stream), the unfused sum
+    promotes to the wider dtype and the norm runs in it: both are cast to it (exactly) and
+    fused, unless the LayerNorm's parameters have another dtype, where the unfused
+    expression runs."""
     hidden_states = self.dropout(self.dense(hidden_states))
-    if hidden_states.dtype != input_tensor.dtype:
-        return self.LayerNorm(hidden_states + input_tensor)
     ln = self.LayerNorm
+    if hidden_states.dtype != input_tensor.dtype:
+        dtype = torch.promote_types(hidden_states.dtype, input_tensor.dtype)
+        if any(p is not None and p.dtype != dtype for p in (ln.weight, ln.bias)):
+            return ln(hidden_states + input_tensor)
+        hidden_states, input_tensor = hidden_states.to(dtype), input_tensor.to(dtype)
     return add_layer_norm_post(hidden_states, input_tensor, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 

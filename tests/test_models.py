@@ -339,6 +339,36 @@ def test_bert_fused_add_norm_matches_unconverted():
     _sgd_steps_match(model, converted, make_inputs, fused_calls=2 * (4 + 1))
 
 
+def test_bert_fused_add_norm_under_autocast():
+    """Under CPU autocast the dense layers' bfloat16 outputs meet the float32 residual
+    stream: the fused layers run the add + LayerNorm in float32 (both cast up exactly, as
+    the unfused sum promotes) and give the unconverted model's float32 outputs, loss and
+    gradients (the kernel's float32 LayerNorm rounds differently from torch's in the
+    last bits)."""
+    model, make_inputs = _bert()
+    converted = fused_norm.fuse_add_norm(copy.deepcopy(model))
+    results = []
+    for m in (model, converted):
+        seen = []
+        hooks = [layer.output.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+                 for layer in m.bert.encoder.layer]
+        with count_fused_calls() as calls:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(**make_inputs(0))
+            out.loss.backward()
+        for h in hooks:
+            h.remove()
+        results.append((out, seen, calls.n))
+    (out_a, seen_a, n_a), (out_b, seen_b, n_b) = results
+    assert n_a == 0 and n_b == 2 * 4  # forward and backward of the 4 add-and-norms
+    assert seen_a == seen_b == [torch.float32] * 2
+    _assert_same(out_a.logits, out_b.logits, "logits", rtol=1e-4, atol=1e-5)
+    _assert_same(out_a.loss, out_b.loss, "loss", rtol=1e-4, atol=1e-5)
+    for (k, p), q in zip(model.named_parameters(), converted.parameters(), strict=True):
+        assert q.grad.dtype == p.grad.dtype, k
+        _assert_same(p.grad, q.grad, f"grad {k}", rtol=1e-3, atol=1e-4)
+
+
 def test_fuse_add_norm_leaves_others_alone():
     model, _ = _bert()
     layer = model.bert.encoder.layer[0]
