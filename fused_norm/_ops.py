@@ -325,21 +325,26 @@ def _per_sample_param(t, bdim, x_dim, k):
     return t.reshape(t.shape[:1] + (1,) * (x_dim - 1 - k) + t.shape[1:])
 
 
+def _per_sample_affine(y, weight, w_bdim, bias, b_bdim, k):
+    """LayerNorm's affine with per-sample (mapped) parameters, applied to the normalized
+    y of a batch-first x in the accumulation type (as the kernel does), in y's dtype."""
+    acc = _acc_dtype(y.dtype)
+    out = y.to(acc)
+    if weight is not None:
+        out = out * _per_sample_param(weight, w_bdim, y.dim(), k).to(acc)
+    if bias is not None:
+        out = out + _per_sample_param(bias, b_bdim, y.dim(), k).to(acc)
+    return out.to(y.dtype)
+
+
 @torch.library.register_vmap("fused_norm::layer_norm_fwd")
 def _layer_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, bias, eps):
     x_bdim, _, w_bdim, b_bdim, _ = in_dims
     x = _to_front(input, x_bdim, info.batch_size)
     if w_bdim is None and b_bdim is None:
         return ops.layer_norm_fwd(x, normalized_shape, weight, bias, eps), (0, 0, 0)
-    k = len(normalized_shape)
     y, mean, rstd = ops.layer_norm_fwd(x, normalized_shape, None, None, eps)
-    acc = _acc_dtype(x.dtype)
-    y = y.to(acc)  # the affine in the accumulation type, as the kernel does
-    if weight is not None:
-        y = y * _per_sample_param(weight, w_bdim, x.dim(), k).to(acc)
-    if bias is not None:
-        y = y + _per_sample_param(bias, b_bdim, x.dim(), k).to(acc)
-    return (y.to(x.dtype), mean, rstd), (0, 0, 0)
+    return (_per_sample_affine(y, weight, w_bdim, bias, b_bdim, len(normalized_shape)), mean, rstd), (0, 0, 0)
 
 
 @torch.library.register_vmap("fused_norm::layer_norm_bwd")
@@ -550,15 +555,9 @@ def _add_layer_norm_fwd_vmap(info, in_dims, input, residual, normalized_shape, w
     if w_bdim is None and b_bdim is None:
         return ops.add_layer_norm_fwd(x, r, normalized_shape, weight, bias, eps, residual_in_fp32, store_sum), \
             (0, s_bdim, 0, 0)
-    k = len(normalized_shape)
     y, s, mean, rstd = ops.add_layer_norm_fwd(x, r, normalized_shape, None, None, eps, residual_in_fp32, store_sum)
-    acc = _acc_dtype(x.dtype)
-    y = y.to(acc)  # the affine in the accumulation type, as the kernel does
-    if weight is not None:
-        y = y * _per_sample_param(weight, w_bdim, x.dim(), k).to(acc)
-    if bias is not None:
-        y = y + _per_sample_param(bias, b_bdim, x.dim(), k).to(acc)
-    return (y.to(x.dtype), s, mean, rstd), (0, s_bdim, 0, 0)
+    return (_per_sample_affine(y, weight, w_bdim, bias, b_bdim, len(normalized_shape)), s, mean, rstd), \
+        (0, s_bdim, 0, 0)
 
 
 @torch.library.register_vmap("fused_norm::add_layer_norm_bwd")
