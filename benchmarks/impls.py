@@ -76,13 +76,16 @@ class Impl:
     cuda_only = False
     note = ""  # printed under the results when this implementation is measured
 
-    def unavailable(self, norm: str, device_type: str) -> str | None:
-        if norm not in self.modules:
-            return f"{self.label} has no {_norm_name(norm)}"
+    def _unavailable_in(self, modules: dict, key: str, what: str, device_type: str) -> str | None:
+        if key not in modules:
+            return f"{self.label} has no {what}"
         if self.cuda_only and device_type != "cuda":
             return f"{self.label} is CUDA only"
-        failure = _import_failure(self.modules[norm])
+        failure = _import_failure(modules[key])
         return f"{self.label} not importable ({failure})" if failure else None
+
+    def unavailable(self, norm: str, device_type: str) -> str | None:
+        return self._unavailable_in(self.modules, norm, _norm_name(norm), device_type)
 
     def unavailable_op(self, op, device_type: str) -> str | None:
         """Why this implementation cannot run op (a cases.Op), or None: unavailable(op.norm) for a plain
@@ -90,12 +93,7 @@ class Impl:
         if not op.residual:
             return self.unavailable(op.norm, device_type)
         kind = "rms" if op.rms else "ln"
-        if kind not in self.add_modules:
-            return f"{self.label} has no residual add + {_norm_name(kind)}"
-        if self.cuda_only and device_type != "cuda":
-            return f"{self.label} is CUDA only"
-        failure = _import_failure(self.add_modules[kind])
-        return f"{self.label} not importable ({failure})" if failure else None
+        return self._unavailable_in(self.add_modules, kind, "residual add + " + _norm_name(kind), device_type)
 
     def version(self) -> str | None:
         try:
