@@ -405,6 +405,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_bwd(
   return {dx, dres, dweight};
 }
 
+// The same kernels for both devices (run_on_device picks the CPU or CUDA path).
+void register_kernels(torch::Library& m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd);
+  m.impl("layer_norm_bwd", &layer_norm_bwd);
+  m.impl("rms_norm_fwd", &rms_norm_fwd);
+  m.impl("rms_norm_bwd", &rms_norm_bwd);
+  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd);
+  m.impl("add_layer_norm_bwd", &add_layer_norm_bwd);
+  m.impl("add_rms_norm_fwd", &add_rms_norm_fwd);
+  m.impl("add_rms_norm_bwd", &add_rms_norm_bwd);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fused_norm, m) {
@@ -435,28 +447,10 @@ TORCH_LIBRARY_FRAGMENT(fused_norm, m) {
         " ScalarType residual_dtype) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fused_norm, CPU, m) {
-  m.impl("layer_norm_fwd", &layer_norm_fwd);
-  m.impl("layer_norm_bwd", &layer_norm_bwd);
-  m.impl("rms_norm_fwd", &rms_norm_fwd);
-  m.impl("rms_norm_bwd", &rms_norm_bwd);
-  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd);
-  m.impl("add_layer_norm_bwd", &add_layer_norm_bwd);
-  m.impl("add_rms_norm_fwd", &add_rms_norm_fwd);
-  m.impl("add_rms_norm_bwd", &add_rms_norm_bwd);
-}
+TORCH_LIBRARY_IMPL(fused_norm, CPU, m) { register_kernels(m); }
 
 #ifdef FUSED_NORM_WITH_CUDA
-TORCH_LIBRARY_IMPL(fused_norm, CUDA, m) {
-  m.impl("layer_norm_fwd", &layer_norm_fwd);
-  m.impl("layer_norm_bwd", &layer_norm_bwd);
-  m.impl("rms_norm_fwd", &rms_norm_fwd);
-  m.impl("rms_norm_bwd", &rms_norm_bwd);
-  m.impl("add_layer_norm_fwd", &add_layer_norm_fwd);
-  m.impl("add_layer_norm_bwd", &add_layer_norm_bwd);
-  m.impl("add_rms_norm_fwd", &add_rms_norm_fwd);
-  m.impl("add_rms_norm_bwd", &add_rms_norm_bwd);
-}
+TORCH_LIBRARY_IMPL(fused_norm, CUDA, m) { register_kernels(m); }
 #endif
 
 }  // namespace fused_norm
