@@ -240,11 +240,14 @@ def _add_check(rows, cols, dtype, rdtype, wdtype, fp32=False, rms=False, layout=
         pre = (y, s, rstd) + bwd(ds, s, None, mean, rstd)[:3]
         y_post, s_post, _, rstd_post = fwd(False)
         post = (y_post, s_post, rstd_post) + bwd(None, x, r, mean, rstd)[:3]
-        return pre + post
+        # from the stored sum without its gradient (only the output reached the loss)
+        return pre + post + bwd(None, s, None, mean, rstd)[:3]
 
     out = run_schedules(ours, sms=sms)
     has_w = w is not None
-    pre, post = out[:6], out[6:]  # y, s, rstd, dx, dres, dw (empty without weight) per form
+    pre, post = out[:6], out[6:12]  # y, s, rstd, dx, dres, dw (empty without weight) per form
+    for read, formed in zip(out[12:], post[3:]):  # the same rows, read or formed again: the same bits
+        assert torch.equal(_bits(read), _bits(formed))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     exact_sum = (x.to(acc) + r.to(acc)).to(sdt)
     assert torch.equal(_bits(pre[1]), _bits(exact_sum)), "the stored sum is not the rounded sum"
