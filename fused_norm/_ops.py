@@ -276,16 +276,28 @@ torch.library.register_autograd("fused_norm::add_layer_norm_fwd", _add_layer_nor
 AddLayerNormFunction = _functorch_function("add_layer_norm_fwd", _add_layer_norm_backward, _add_layer_norm_setup)
 
 
+def _add_norm_sum(x, residual, sum_dtype, acc):
+    """The rows an add-norm backward normalizes: x itself (the stored sum), or input +
+    residual added in acc and rounded to sum_dtype, as the kernels form them again."""
+    return x if residual is None else (x.to(acc) + residual.to(acc)).to(sum_dtype)
+
+
+def _add_norm_dx(dx, grad_sum, grad_out, residual_dtype, acc):
+    """The norm's dx plus the sum's gradient (when given), in grad_out's dtype, and in the
+    residual's dtype when it differs (else None)."""
+    dx = dx.to(acc) if grad_sum is None else dx.to(acc) + grad_sum.to(acc)
+    return dx.to(grad_out.dtype), dx.to(residual_dtype) if residual_dtype != grad_out.dtype else None
+
+
 def _add_layer_norm_bwd_math(grad_out, grad_sum, x, residual, normalized_shape, mean, rstd, weight, bias, sum_dtype,
                              residual_dtype):
     """add_layer_norm_bwd in torch ops (its autograd: the double backward of
     add_layer_norm): layer_norm_bwd's formula on the sum, formed again as the kernels do
     when the backward was given input and residual, plus the sum's gradient."""
     acc = _acc_dtype(grad_out.dtype)
-    s = x if residual is None else (x.to(acc) + residual.to(acc)).to(sum_dtype)
+    s = _add_norm_sum(x, residual, sum_dtype, acc)
     dx, dw, db = _layer_norm_bwd_math(grad_out, s, normalized_shape, mean, rstd, weight, bias)
-    dx = dx.to(acc) if grad_sum is None else dx.to(acc) + grad_sum.to(acc)
-    return dx.to(grad_out.dtype), dx.to(residual_dtype) if residual_dtype != grad_out.dtype else None, dw, db
+    return *_add_norm_dx(dx, grad_sum, grad_out, residual_dtype, acc), dw, db
 
 
 torch.library.register_autograd("fused_norm::add_layer_norm_bwd", _backward_of(_add_layer_norm_bwd_math),
@@ -476,10 +488,9 @@ def _add_rms_norm_bwd_math(grad_out, grad_sum, x, residual, normalized_shape, rs
                            residual_dtype):
     """add_rms_norm_bwd in torch ops (its autograd), as _add_layer_norm_bwd_math."""
     acc = _acc_dtype(grad_out.dtype)
-    s = x if residual is None else (x.to(acc) + residual.to(acc)).to(sum_dtype)
+    s = _add_norm_sum(x, residual, sum_dtype, acc)
     dx, dw = _rms_norm_bwd_math(grad_out, s, normalized_shape, rstd, weight, weight_offset)
-    dx = dx.to(acc) if grad_sum is None else dx.to(acc) + grad_sum.to(acc)
-    return dx.to(grad_out.dtype), dx.to(residual_dtype) if residual_dtype != grad_out.dtype else None, dw
+    return *_add_norm_dx(dx, grad_sum, grad_out, residual_dtype, acc), dw
 
 
 torch.library.register_autograd("fused_norm::add_rms_norm_bwd", _backward_of(_add_rms_norm_bwd_math),
@@ -523,13 +534,6 @@ def _rms_norm_bwd_vmap(info, in_dims, grad_out, input, normalized_shape, rstd, w
 # may be unmapped: it is expanded, a view) batch-first, one kernel call; a mapped weight or
 # bias applied outside the kernel; the parameter gradients summed per sample, from the sum
 # (stored, or formed again from input and residual as the kernels do).
-
-
-def _add_norm_rows(x, residual, sum_dtype, acc):
-    """The normalized rows of an add-norm backward in the accumulation dtype: x itself (the
-    stored sum) or input + residual rounded to sum_dtype."""
-    s = x if residual is None else (x.to(acc) + residual.to(acc)).to(sum_dtype)
-    return s.to(acc)
 
 
 def _add_norm_bwd_outputs(dx, dres, dw, db, grad_out, residual_dtype, dtype, with_bias=True):
@@ -582,7 +586,7 @@ def _add_layer_norm_bwd_vmap(info, in_dims, grad_out, grad_sum, x, residual, nor
     dtype = _param_dtype(grad_out, weight, bias)
     dw = db = None
     if weight is not None:
-        xhat = (_add_norm_rows(xs, res, sum_dtype, acc) - mean) * rstd
+        xhat = (_add_norm_sum(xs, res, sum_dtype, acc).to(acc) - mean) * rstd
         dw = _sum_over(dy.to(acc) * xhat, lead).to(dtype)
     if bias is not None:
         db = _sum_over(dy.to(acc), lead).to(dtype)
@@ -625,7 +629,7 @@ def _add_rms_norm_bwd_vmap(info, in_dims, grad_out, grad_sum, x, residual, norma
     dtype = _param_dtype(grad_out, weight, None)
     dw = None
     if weight is not None:
-        dw = _sum_over(dy.to(acc) * (_add_norm_rows(xs, res, sum_dtype, acc) * rstd), lead).to(dtype)
+        dw = _sum_over(dy.to(acc) * (_add_norm_sum(xs, res, sum_dtype, acc).to(acc) * rstd), lead).to(dtype)
     return _add_norm_bwd_outputs(dx, dres, dw, None, grad_out, residual_dtype, dtype, with_bias=False)
 
 
